@@ -1,0 +1,32 @@
+# The two commands of the README. Both create .venv when it is missing and re-install only
+# when pyproject.toml changed (the stamp file is older than it).
+PYTHON ?= python3.11
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.damo-installed
+
+export HF_HUB_OFFLINE := 1
+export RAY_AUTH_MODE := disabled
+
+.PHONY: demo test lint clean-storage
+
+$(STAMP): pyproject.toml
+	@command -v $(PYTHON) >/dev/null || { echo "error: $(PYTHON) not found (Python 3.11 is required)"; exit 1; }
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --progress-bar off -e ".[test]"
+	touch $(STAMP)
+
+demo: $(STAMP)
+	$(BIN)/damo demo
+
+lint: $(STAMP)
+	$(BIN)/ruff check .
+	$(BIN)/lint-imports
+
+test: lint
+	RAY_DATA_DISABLE_PROGRESS_BARS=1 $(BIN)/python -m pytest
+
+clean-storage:
+	-$(BIN)/damo storage down
+	rm -rf .damo/storage

@@ -1,0 +1,146 @@
+"""The `damo` command. Each subcommand parses options and calls into the package."""
+
+from __future__ import annotations
+
+import functools
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+from rich.markup import escape
+
+import damo
+from damo.config import ConfigError, available_configs, config_to_yaml, load_config
+from damo.media.s3server import EmbeddedS3Error, EmbeddedS3Server
+from damo.media.storage import StorageError
+
+app = typer.Typer(
+    help="DaMO platform: train, tune, evaluate and serve an audio-visual Video LLM on Ray.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+)
+config_app = typer.Typer(help="Inspect pipeline configs.", no_args_is_help=True)
+storage_app = typer.Typer(help="The embedded S3 server (SeaweedFS).", no_args_is_help=True)
+app.add_typer(config_app, name="config")
+app.add_typer(storage_app, name="storage")
+
+console = Console()
+err_console = Console(stderr=True)
+
+ConfigName = Annotated[
+    str | None, typer.Option("--config", "-c", help="Named config or path to a YAML file.")
+]
+Overrides = Annotated[
+    list[str] | None,
+    typer.Option("--set", "-s", help="Dotted override, e.g. --set storage.s3.region=eu-west-1."),
+]
+
+
+def friendly_errors(func):
+    """Turn the project's expected errors into a one-line message and exit code 2."""
+
+    @functools.wraps(func)
+    def wrapper(*args, **kwargs):
+        try:
+            return func(*args, **kwargs)
+        except (ConfigError, StorageError, EmbeddedS3Error) as err:
+            err_console.print(
+                f"[bold red]error:[/] {escape(str(err))}", highlight=False, soft_wrap=True
+            )
+            raise typer.Exit(code=2) from None
+
+    return wrapper
+
+
+def _version(value: bool) -> None:
+    if value:
+        console.print(f"damo {damo.__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def main(
+    version: Annotated[
+        bool, typer.Option("--version", callback=_version, is_eager=True, help="Print the version.")
+    ] = False,
+) -> None:
+    """DaMO platform command line."""
+
+
+# ---- config ---------------------------------------------------------------------------------
+@config_app.command("show")
+@friendly_errors
+def config_show(
+    name: Annotated[str, typer.Argument(help="Named config or path to a YAML file.")] = "default",
+    overrides: Overrides = None,
+) -> None:
+    """Print the fully resolved config (bases merged, overrides applied, defaults filled)."""
+    typer.echo(config_to_yaml(load_config(name, overrides or [])), nl=False)
+
+
+@config_app.command("list")
+def config_list() -> None:
+    """List the named configs shipped with the package."""
+    for name in available_configs():
+        console.print(name)
+
+
+# ---- storage --------------------------------------------------------------------------------
+def _embedded_server(config: str | None, overrides: list[str] | None, data_dir: Path | None):
+    cfg = load_config(config, overrides or [])
+    return EmbeddedS3Server(cfg.storage.embedded, data_dir=str(data_dir) if data_dir else None)
+
+
+DataDir = Annotated[
+    Path | None, typer.Option(help="Where the server keeps its data (default .damo/storage).")
+]
+
+
+@storage_app.command("up")
+@friendly_errors
+def storage_up(config: ConfigName = None, overrides: Overrides = None, data_dir: DataDir = None):
+    """Start the embedded S3 server on 127.0.0.1 in the background and print its endpoint."""
+    server = _embedded_server(config, overrides, data_dir)
+    already = server.running_state()
+    state = server.start(detach=True)
+    verb = "already running" if already else "started"
+    console.print(f"embedded S3 server {verb} (pid {state.pid})")
+    console.print(f"endpoint:    {state.endpoint_url}")
+    console.print(f"credentials: {server.env_path}  (source it: `. {server.env_path}`)")
+
+
+@storage_app.command("down")
+@friendly_errors
+def storage_down(config: ConfigName = None, overrides: Overrides = None, data_dir: DataDir = None):
+    """Stop the embedded S3 server and wait until its ports are free."""
+    server = _embedded_server(config, overrides, data_dir)
+    if server.stop():
+        console.print("embedded S3 server stopped; ports released")
+    else:
+        console.print("no embedded S3 server was running")
+
+
+@storage_app.command("status")
+@friendly_errors
+def storage_status(
+    config: ConfigName = None, overrides: Overrides = None, data_dir: DataDir = None
+):
+    """Say whether the embedded S3 server runs, and where."""
+    server = _embedded_server(config, overrides, data_dir)
+    state = server.running_state()
+    if state is None:
+        console.print("not running")
+        raise typer.Exit(code=1)
+    console.print(f"running (pid {state.pid}) at {state.endpoint_url}; data in {state.data_dir}")
+
+
+# ---- demo -----------------------------------------------------------------------------------
+@app.command("demo")
+@friendly_errors
+def demo_command(config: ConfigName = None, overrides: Overrides = None) -> None:
+    """Run the end-to-end demo on a local embedded S3 server."""
+    from damo.demo import run_demo
+
+    ok = run_demo(load_config(config, overrides or []), console)
+    raise typer.Exit(code=0 if ok else 1)

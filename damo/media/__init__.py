@@ -1,0 +1,1 @@
+"""Object storage (plain paths, file://, s3://) and media decoding."""
