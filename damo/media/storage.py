@@ -370,6 +370,47 @@ class Storage:
         except Exception as err:
             raise self._s3_error(loc, err) from err
 
+    def put_dir(self, local_dir: str | os.PathLike, uri: str) -> list[str]:
+        """Upload every file under a local directory to `uri/<relative path>`."""
+        root = Path(local_dir)
+        if not root.is_dir():
+            raise StorageError(str(root), Reason.NOT_FOUND, "not a directory")
+        written = []
+        for path in sorted(p for p in root.rglob("*") if p.is_file()):
+            target = join(uri, path.relative_to(root).as_posix())
+            self.upload_file(path, target)
+            written.append(target)
+        return written
+
+    def fetch_dir(self, uri: str, cache_root: str | os.PathLike | None = None) -> Path:
+        """A local directory holding everything under `uri` (a model dir, say).
+
+        Local URIs are returned as they are. Remote ones are downloaded into a cache keyed by
+        the URI and the objects' etags, so an unchanged directory is fetched once and a changed
+        one is fetched again.
+        """
+        import hashlib
+
+        loc = parse_uri(uri)
+        if loc.scheme == "file":
+            if not os.path.isdir(loc.path):
+                raise StorageError(uri, Reason.NOT_FOUND, f"no such directory: {loc.path}")
+            return Path(loc.path)
+        prefix = uri.rstrip("/") + "/"
+        objects = self.list(prefix)
+        if not objects:
+            raise StorageError(uri, Reason.NOT_FOUND, "no objects under this prefix")
+        etags = "".join(f"{o}={self.stat(o)['etag']};" for o in objects)
+        digest = hashlib.sha256(etags.encode()).hexdigest()[:16]
+        cache = Path(cache_root or os.environ.get("DAMO_CACHE", Path.home() / ".cache" / "damo"))
+        target = cache / "dirs" / f"{loc.bucket}-{loc.key.strip('/').replace('/', '_')}-{digest}"
+        if (target / ".complete").exists():
+            return target
+        for obj in objects:
+            self.download_file(obj, target / obj[len(prefix) :])
+        (target / ".complete").touch()
+        return target
+
     def pyarrow_filesystem(self, uri: str) -> tuple[pyarrow.fs.FileSystem, str]:
         """(filesystem, path) for pyarrow / Ray Data. The filesystem pickles to workers."""
         import pyarrow.fs as pafs
