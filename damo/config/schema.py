@@ -6,6 +6,8 @@ error that names the field instead of a silently ignored setting.
 
 from __future__ import annotations
 
+from typing import Literal
+
 from pydantic import BaseModel, ConfigDict, Field
 
 
@@ -24,6 +26,9 @@ class S3Config(Section):
         default=None, description="Custom endpoint, e.g. http://127.0.0.1:8333; None means AWS."
     )
     region: str = "us-east-1"
+    addressing_style: Literal["path", "virtual", "auto"] = Field(
+        default="path", description="path-style suits local servers such as SeaweedFS and MinIO."
+    )
     access_key_id: str | None = None
     secret_access_key: str | None = None
     connect_timeout_s: float = Field(default=5.0, gt=0)

@@ -147,7 +147,7 @@ class Storage:
                     connect_timeout=self.s3.connect_timeout_s,
                     read_timeout=self.s3.read_timeout_s,
                     retries={"max_attempts": self.s3.max_attempts, "mode": "standard"},
-                    s3={"addressing_style": "path"},
+                    s3={"addressing_style": self.s3.addressing_style},
                     signature_version="s3v4",
                 ),
             )
@@ -341,11 +341,14 @@ class Storage:
         loc = parse_uri(prefix_uri)
         if loc.scheme == "file":
             root = Path(loc.path)
+            form = "file://{}" if prefix_uri.startswith("file://") else "{}"
             if root.is_file():
-                return [str(root)]
+                return [form.format(root)]
             if not root.exists():
                 return []
-            return sorted(str(p) for p in root.rglob("*") if p.is_file() and ".tmp-" not in p.name)
+            return sorted(
+                form.format(p) for p in root.rglob("*") if p.is_file() and ".tmp-" not in p.name
+            )
         out: list[str] = []
         try:
             paginator = self.client.get_paginator("list_objects_v2")

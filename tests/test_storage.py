@@ -1,0 +1,226 @@
+"""The storage contract, against plain paths and against a real SeaweedFS S3 server."""
+
+from __future__ import annotations
+
+import io
+import os
+import uuid
+
+import pytest
+
+from damo.config.schema import S3Config
+from damo.media.storage import (
+    MULTIPART_THRESHOLD,
+    Reason,
+    Storage,
+    StorageError,
+    is_allowed,
+    join,
+    parse_uri,
+)
+
+
+@pytest.fixture(params=["local", "file_uri", "s3"])
+def store(request, tmp_path):
+    """(storage, a fresh root URI) for each backend."""
+    if request.param == "s3":
+        storage = request.getfixturevalue("s3_storage")
+        return storage, f"s3://damo-test/{uuid.uuid4().hex}"
+    root = tmp_path / "store"
+    return Storage(), str(root) if request.param == "local" else f"file://{root}"
+
+
+def test_put_get_exists_stat(store):
+    storage, root = store
+    uri = join(root, "a", "hello.txt")
+    assert not storage.exists(uri)
+    storage.write_bytes(uri, b"hello world")
+    assert storage.read_bytes(uri) == b"hello world"
+    assert storage.exists(uri)
+    stat = storage.stat(uri)
+    assert stat["size"] == 11 and stat["etag"]
+
+
+def test_large_multipart_write_and_range_reads(store):
+    storage, root = store
+    payload = os.urandom(MULTIPART_THRESHOLD + 3 * 1024 * 1024)  # 11 MiB: two parts on S3
+    uri = join(root, "big.bin")
+    storage.write_bytes(uri, payload)
+    assert storage.read_bytes(uri) == payload
+    assert storage.read_bytes(uri, 1000, 1100) == payload[1000:1100]
+    assert storage.read_bytes(uri, len(payload) - 10) == payload[-10:]
+    assert storage.read_bytes(uri, 5, 5) == b""
+    if root.startswith("s3://"):  # a multipart upload's ETag is "<md5 of md5s>-<parts>"
+        assert storage.stat(uri)["etag"].endswith("-2")
+
+
+def test_list_is_recursive_and_sorted(store):
+    storage, root = store
+    for name in ("b/2.txt", "a/1.txt", "b/c/3.txt"):
+        storage.write_bytes(join(root, name), name.encode())
+    listed = storage.list(root + "/")
+    assert [uri[len(root) + 1 :] for uri in listed] == ["a/1.txt", "b/2.txt", "b/c/3.txt"]
+    assert storage.list(join(root, "nothing-here") + "/") == []
+
+
+def test_delete_then_missing(store):
+    storage, root = store
+    uri = join(root, "gone.txt")
+    storage.write_bytes(uri, b"x")
+    storage.delete(uri)
+    assert not storage.exists(uri)
+    for operation in (storage.read_bytes, storage.stat, storage.delete):
+        with pytest.raises(StorageError) as err:
+            operation(uri)
+        assert err.value.reason is Reason.NOT_FOUND
+        assert uri in str(err.value)
+
+
+def test_failed_write_leaves_nothing_visible(store):
+    storage, root = store
+    uri = join(root, "partial.bin")
+
+    class Exploding(io.RawIOBase):
+        """Yields 10 MiB then fails, as a dropped upload would."""
+
+        def __init__(self):
+            self.sent = 0
+
+        def readable(self):
+            return True
+
+        def readinto(self, buffer):
+            if self.sent >= 10 * 1024 * 1024:
+                raise OSError("connection lost")
+            n = min(len(buffer), 1024 * 1024)
+            buffer[:n] = b"\0" * n
+            self.sent += n
+            return n
+
+    with pytest.raises((StorageError, OSError)):
+        storage.write_stream(uri, io.BufferedReader(Exploding()))
+    assert not storage.exists(uri)
+    assert storage.list(root + "/") == []
+
+
+def test_download_and_dirs(store, tmp_path):
+    storage, root = store
+    src = tmp_path / "model"
+    (src / "sub").mkdir(parents=True)
+    (src / "config.json").write_text("{}")
+    (src / "sub" / "w.bin").write_bytes(b"\1\2\3")
+    written = storage.put_dir(src, join(root, "model"))
+    assert len(written) == 2
+    local = storage.fetch_dir(join(root, "model"), cache_root=tmp_path / "cache")
+    assert (local / "sub" / "w.bin").read_bytes() == b"\1\2\3"
+    storage.download_file(join(root, "model", "config.json"), tmp_path / "dl" / "c.json")
+    assert (tmp_path / "dl" / "c.json").read_text() == "{}"
+
+
+def test_pyarrow_filesystem_reads_what_storage_wrote(store):
+    storage, root = store
+    uri = join(root, "arrow.txt")
+    storage.write_bytes(uri, b"via pyarrow")
+    fs, path = storage.pyarrow_filesystem(uri)
+    with fs.open_input_stream(path) as f:
+        assert f.read() == b"via pyarrow"
+
+
+# ---- S3 failure modes against the real server --------------------------------------------
+def test_wrong_secret_key_is_rejected(s3_server, s3_storage):
+    s3_storage.write_bytes("s3://damo-test/secret.txt", b"s")
+    bad = Storage(s3_server.s3_config().model_copy(update={"secret_access_key": "wrong"}))
+    for operation in (
+        lambda: bad.read_bytes("s3://damo-test/secret.txt"),
+        lambda: bad.write_bytes("s3://damo-test/other.txt", b"x"),
+    ):
+        with pytest.raises(StorageError) as err:
+            operation()
+        assert err.value.reason is Reason.AUTH
+        assert "s3://damo-test/" in str(err.value)
+    assert not s3_storage.exists("s3://damo-test/other.txt")
+
+
+def test_missing_bucket(s3_storage):
+    with pytest.raises(StorageError) as err:
+        s3_storage.read_bytes("s3://no-such-bucket-here/x")
+    assert err.value.reason is Reason.NO_BUCKET
+    with pytest.raises(StorageError) as err:
+        s3_storage.stat("s3://no-such-bucket-here/x")
+    assert err.value.reason is Reason.NO_BUCKET
+    assert "no-such-bucket-here" in str(err.value)
+
+
+def test_unreachable_endpoint():
+    from damo.media.s3server import free_ports
+
+    (port,) = free_ports(1)
+    storage = Storage(
+        S3Config(
+            endpoint_url=f"http://127.0.0.1:{port}",
+            access_key_id="a",
+            secret_access_key="b",
+            connect_timeout_s=0.5,
+            max_attempts=1,
+        )
+    )
+    with pytest.raises(StorageError) as err:
+        storage.read_bytes("s3://bucket/key")
+    assert err.value.reason is Reason.UNREACHABLE
+    assert f"127.0.0.1:{port}" in str(err.value)
+
+
+def test_access_denied_is_mapped_to_permission():
+    from botocore.exceptions import ClientError
+
+    denied = ClientError(
+        {"Error": {"Code": "AccessDenied", "Message": "Access Denied"}}, "GetObject"
+    )
+    error = Storage()._s3_error(parse_uri("s3://b/k"), denied)
+    assert error.reason is Reason.PERMISSION and "s3://b/k" in str(error)
+
+
+def test_unknown_scheme_and_bad_uris():
+    for uri, reason in (
+        ("gs://b/k", Reason.UNKNOWN_SCHEME),
+        ("http://x/y", Reason.UNKNOWN_SCHEME),
+        ("s3:///key", Reason.INVALID_URI),
+        ("", Reason.INVALID_URI),
+        ("file://otherhost/etc", Reason.INVALID_URI),
+    ):
+        with pytest.raises(StorageError) as err:
+            Storage().read_bytes(uri)
+        assert err.value.reason is reason, uri
+
+
+# ---- allow-list --------------------------------------------------------------------------
+def test_is_allowed_s3_prefixes():
+    prefixes = ["s3://media/videos/"]
+    assert is_allowed("s3://media/videos/a.mp4", prefixes)
+    assert is_allowed("s3://media/videos/x/y/a.mp4", prefixes)
+    assert not is_allowed("s3://media/videos-private/a.mp4", prefixes)
+    assert not is_allowed("s3://media/videos/../secrets/a.mp4", prefixes)
+    assert not is_allowed("s3://other/videos/a.mp4", prefixes)
+    assert is_allowed("s3://open/anything.mp4", ["s3://open"])
+
+
+def test_is_allowed_local_paths(tmp_path):
+    root = tmp_path / "allowed"
+    (root / "sub").mkdir(parents=True)
+    (root / "sub" / "clip.mp4").write_bytes(b"x")
+    outside = tmp_path / "outside.mp4"
+    outside.write_bytes(b"secret")
+    (root / "escape.mp4").symlink_to(outside)
+    (root / "inner.mp4").symlink_to(root / "sub" / "clip.mp4")
+    prefixes = [str(root)]
+    assert is_allowed(str(root / "sub" / "clip.mp4"), prefixes)
+    assert is_allowed(f"file://{root}/sub/clip.mp4", prefixes)
+    assert is_allowed(str(root / "inner.mp4"), prefixes)
+    assert not is_allowed(str(root / "escape.mp4"), prefixes)
+    assert not is_allowed(f"{root}/sub/../../outside.mp4", prefixes)
+    assert not is_allowed("file:///etc/passwd", prefixes)
+    assert not is_allowed("/etc/passwd", prefixes)
+    assert not is_allowed(str(tmp_path / "allowed-but-not-really" / "x.mp4"), prefixes)
+    assert not is_allowed("s3://bucket/x.mp4", prefixes)
+    assert not is_allowed("gopher://x/y", prefixes)
+    assert not is_allowed("file:///etc/passwd", [])
