@@ -63,6 +63,9 @@ class RayConfig(Section):
     object_store_memory_mb: int | None = Field(default=None, ge=64)
 
 
+from damo.config.data import DataConfig  # noqa: E402  (data.py builds on Section above)
+
+
 class DamoConfig(Section):
     """The root of every pipeline configuration."""
 
@@ -70,3 +73,4 @@ class DamoConfig(Section):
     seed: int = 0
     storage: StorageConfig = StorageConfig()
     ray: RayConfig = RayConfig()
+    data: DataConfig = DataConfig()

@@ -1,0 +1,56 @@
+"""Config sections for the data side: decoding media and generating the synthetic world."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field
+
+from damo.config.schema import Section
+
+# CLIP's normalisation; the paper's EVA-CLIP uses the same statistics.
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+
+
+class DecodeConfig(Section):
+    """How a video becomes N frames and M audio segments (DESIGN §3: paper N=24, M=8)."""
+
+    num_frames: int = Field(default=24, ge=1, description="Frames sampled uniformly in time.")
+    num_segments: int = Field(default=8, ge=1, description="Audio segments covering the video.")
+    image_size: int = Field(default=224, ge=8, description="Side of the square frames, pixels.")
+    resize_mode: Literal["center_crop", "squash"] = Field(
+        default="center_crop",
+        description="center_crop: shortest side to image_size, then crop (CLIP); squash: stretch.",
+    )
+    mean: tuple[float, float, float] = CLIP_MEAN
+    std: tuple[float, float, float] = CLIP_STD
+    sample_rate: int = Field(default=16000, ge=1000, description="Audio rate, Hz (mono float32).")
+    max_segment_seconds: float | None = Field(
+        default=30.0,
+        gt=0,
+        description="Keep at most this much audio (centred) per segment; Whisper sees 30 s.",
+    )
+    time_limit_s: float = Field(default=60.0, gt=0, description="Per-file decode time limit.")
+    max_width: int = Field(default=7680, ge=16, description="Wider videos are rejected (8K).")
+    max_height: int = Field(default=7680, ge=16, description="Taller videos are rejected.")
+    threads: int = Field(default=1, ge=0, description="Decoder threads per file; 0 = auto.")
+
+
+class SyntheticConfig(Section):
+    """The synthetic audio-visual world (damo/data/synthetic.py)."""
+
+    num_clips: int = Field(default=200, ge=1)
+    seed: int = 0
+    min_duration_s: float = Field(default=6.0, ge=4.0)
+    max_duration_s: float = Field(default=30.0, ge=4.0)
+    max_events: int = Field(default=4, ge=1, le=4)
+    width: int = Field(default=96, ge=16)
+    height: int = Field(default=96, ge=16)
+    fps: int = Field(default=8, ge=1, le=60)
+    sample_rate: int = Field(default=16000, ge=8000)
+
+
+class DataConfig(Section):
+    decode: DecodeConfig = DecodeConfig()
+    synthetic: SyntheticConfig = SyntheticConfig()
