@@ -144,3 +144,34 @@ def demo_command(config: ConfigName = None, overrides: Overrides = None) -> None
 
     ok = run_demo(load_config(config, overrides or []), console)
     raise typer.Exit(code=0 if ok else 1)
+
+
+# ---- eval -----------------------------------------------------------------------------------
+eval_app = typer.Typer(help="Evaluate predictions and models.", no_args_is_help=True)
+app.add_typer(eval_app, name="eval")
+
+
+@eval_app.command("qvh")
+@friendly_errors
+def eval_qvh(
+    gt: Annotated[Path, typer.Option(help="QVHighlights ground truth jsonl.", exists=True)],
+    pred: Annotated[Path, typer.Option(help="Submission jsonl (official format).", exists=True)],
+    out: Annotated[Path | None, typer.Option(help="Also write the metrics JSON here.")] = None,
+    allow_partial: Annotated[
+        bool, typer.Option(help="Evaluate only the qids present in both files.")
+    ] = False,
+) -> None:
+    """QVHighlights moment retrieval + highlight detection, in the official JSON layout."""
+    import json
+
+    from damo.eval.qvhighlights import evaluate_files
+
+    try:
+        metrics = evaluate_files(pred, gt, allow_partial=allow_partial)
+    except (ValueError, KeyError) as err:
+        err_console.print(f"[bold red]error:[/] {escape(str(err))}", soft_wrap=True)
+        raise typer.Exit(code=2) from None
+    text = json.dumps(metrics, indent=4)
+    typer.echo(text)
+    if out is not None:
+        out.write_text(text + "\n")

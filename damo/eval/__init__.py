@@ -1,0 +1,1 @@
+"""Answer parsing and metrics (grounding, QVHighlights, retrieval, QA); batch evaluation."""
