@@ -6,6 +6,8 @@ Used by the synthetic world, the bad-media corpus and the benchmarks; no system 
 from __future__ import annotations
 
 import io
+import os
+import tempfile
 from collections.abc import Iterable
 from fractions import Fraction
 
@@ -33,9 +35,47 @@ def encode_mp4(
     variable-frame-rate video; by default frame i is at i / fps. `rotation` (counter-clockwise
     degrees) is stored as the display matrix, as phones do. `faststart` puts the index first.
     """
+    settings = dict(
+        frames=frames,
+        fps=fps,
+        audio=audio,
+        sample_rate=sample_rate,
+        frame_times=frame_times,
+        gop_seconds=gop_seconds,
+        crf=crf,
+        rotation=rotation,
+        preset=preset,
+        codec=codec,
+        audio_bitrate=audio_bitrate,
+    )
+    if faststart:
+        # faststart rewrites the file to move the index first, which needs a real file.
+        with tempfile.TemporaryDirectory() as tmp:
+            path = os.path.join(tmp, "clip.mp4")
+            _encode(path, {"movflags": "faststart"}, **settings)
+            with open(path, "rb") as f:
+                return f.read()
     buffer = io.BytesIO()
-    options = {"movflags": "faststart"} if faststart else {}
-    with av.open(buffer, "w", format="mp4", options=options) as container:
+    _encode(buffer, {}, **settings)
+    return buffer.getvalue()
+
+
+def _encode(
+    target,
+    options,
+    frames,
+    fps,
+    audio,
+    sample_rate,
+    frame_times,
+    gop_seconds,
+    crf,
+    rotation,
+    preset,
+    codec,
+    audio_bitrate,
+) -> None:
+    with av.open(target, "w", format="mp4", options=options) as container:
         frames = iter(frames)
         first = next(frames)
         height, width = first.shape[:2]
@@ -92,4 +132,3 @@ def encode_mp4(
             encode_audio_until(float("inf"))
             for packet in audio_stream.encode():
                 container.mux(packet)
-    return buffer.getvalue()
