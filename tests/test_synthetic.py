@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import json
 import re
+
+import numpy as np
+import pytest
 
 from damo.data.synthetic import COLOURS, SOUNDS, annotations, sample_clip, text_corpus
 
@@ -61,3 +65,76 @@ def test_annotations_cover_every_stage_and_text_matches_spans():
             if record["task"] == "dialogue":
                 assert [t["role"] for t in record["turns"]] == ["user", "assistant"] * 3
     assert tasks == {"caption", "qa", "grounding", "temporal_qa", "dialogue"}
+
+
+def test_rendered_frames_and_audio_follow_the_events():
+    from damo.data.synthetic import POSITIONS, render_audio, render_frames
+
+    spec = sample_clip(0, 1)
+    frames = render_frames(spec, 96, 96, 8)
+    audio = render_audio(spec, 0, 16000)
+    assert frames.shape == (int(spec.duration * 8), 96, 96, 3)
+    assert audio.shape == (int(spec.duration * 16000),) and audio.dtype == np.float32
+    for e in spec.events:
+        middle = (e.start + e.end) / 2
+        if e.visible:
+            cx, cy = POSITIONS[e.position]
+            pixel = frames[int(middle * 8), int(cy * 96), int(cx * 96)]
+            assert tuple(pixel) == COLOURS[e.colour]
+            assert (
+                tuple(frames[int(e.end * 8) - 1, int(cy * 96), int(cx * 96)]) == COLOURS[e.colour]
+            )
+            if int(e.end * 8) < len(frames):
+                assert (
+                    tuple(frames[int(e.end * 8), int(cy * 96), int(cx * 96)]) != COLOURS[e.colour]
+                )
+        window = audio[int(middle * 16000) - 800 : int(middle * 16000) + 800]
+        assert (np.sqrt((window**2).mean()) > 0.1) == e.audible or any(
+            o.audible and o.start <= middle < o.end for o in spec.events
+        )
+
+
+def test_generate_world_on_s3_and_decode_it(s3_storage):
+    from damo.config.data import SyntheticConfig
+    from damo.data.records import read_records
+    from damo.data.synthetic import generate_world, video_uri
+    from damo.media.decode import decode_clip
+
+    root = "s3://damo-test/synthetic-test"
+    settings = SyntheticConfig(num_clips=20, seed=5)
+    summary = generate_world(root, s3_storage, settings, workers=2, overwrite=True, progress=False)
+    assert summary.rendered == 20
+    assert len(s3_storage.list(f"{root}/videos/")) == 20
+    manifest = json.loads(s3_storage.read_bytes(f"{root}/world.json"))
+    assert manifest["num_clips"] == 20 and manifest["settings"]["seed"] == 5
+    tables = {s: read_records(f"{root}/records/{s}.parquet", s3_storage) for s in summary.records}
+    assert {s: t.num_rows for s, t in tables.items()} == summary.records
+    train = tables["train"].to_pylist()
+    assert {r["task"] for r in train} == {"caption", "qa", "grounding", "temporal_qa", "dialogue"}
+    assert all(r["source"] == "synthetic" and r["video_uri"].startswith(root) for r in train)
+    # a re-run keeps what exists
+    assert generate_world(root, s3_storage, settings, workers=1, progress=False).rendered == 0
+
+    spec = sample_clip(5, 0)
+    clip = decode_clip(
+        video_uri(root, spec.clip_id),
+        s3_storage,
+        num_frames=24,
+        num_segments=8,
+        image_size=96,
+        resize_mode="squash",
+    )
+    assert clip.duration == pytest.approx(spec.duration, abs=0.1) and clip.has_audio
+    from damo.data.synthetic import POSITIONS
+
+    for e in spec.events:
+        if not e.visible:
+            continue
+        cx, cy = POSITIONS[e.position]
+        for frame, t in zip(clip.frames, clip.frame_times, strict=True):
+            pixel = frame[:, int(cy * 96), int(cx * 96)].astype(int)
+            lit = np.abs(pixel - np.array(COLOURS[e.colour])).max() < 40
+            if e.start + 0.2 < t < e.end - 0.2:
+                assert lit, (e, t, pixel)
+            elif t < e.start - 0.2 or t > e.end + 0.2:
+                assert not lit, (e, t, pixel)

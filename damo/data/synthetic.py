@@ -16,9 +16,21 @@ bigger world extends a smaller one with the same seed.
 
 from __future__ import annotations
 
+import json
+import multiprocessing
+import os
+import time
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass, field
 
 import numpy as np
+from tqdm import tqdm
+
+from damo.config.data import SyntheticConfig
+from damo.config.schema import S3Config
+from damo.data.records import make_record, write_records
+from damo.media.encode import encode_mp4
+from damo.media.storage import Storage, join
 
 COLOURS: dict[str, tuple[int, int, int]] = {
     "red": (230, 40, 40),
@@ -332,3 +344,173 @@ def text_corpus(num_clips: int, seed: int) -> list[str]:
         for record in annotations(sample_clip(seed, index)):
             texts.extend(annotation_texts(record))
     return texts
+
+
+# ---- rendering ------------------------------------------------------------------------------
+def _shape_mask(shape: str, position: str, width: int, height: int) -> np.ndarray:
+    cx, cy = POSITIONS[position]
+    radius = 0.2 * min(width, height)
+    ys, xs = np.mgrid[0:height, 0:width]
+    dx, dy = xs + 0.5 - cx * width, ys + 0.5 - cy * height
+    inside = (np.abs(dx) <= radius) & (np.abs(dy) <= radius)
+    if shape == "square":
+        return inside
+    if shape == "circle":
+        return dx**2 + dy**2 <= radius**2
+    if shape == "triangle":  # apex up
+        return inside & (np.abs(dx) <= (dy + radius) / 2)
+    if shape == "cross":
+        return inside & ((np.abs(dx) <= radius / 3) | (np.abs(dy) <= radius / 3))
+    raise ValueError(f"unknown shape {shape!r}")
+
+
+def render_frames(spec: ClipSpec, width: int = 96, height: int = 96, fps: int = 8) -> np.ndarray:
+    """(T, H, W, 3) uint8; frame i shows the events active at i / fps."""
+    count = int(round(spec.duration * fps))
+    frames = np.empty((count, height, width, 3), np.uint8)
+    frames[:] = BACKGROUND
+    for event in spec.events:
+        if not event.visible:
+            continue
+        mask = _shape_mask(event.shape, event.position, width, height)
+        first, last = int(round(event.start * fps)), int(round(event.end * fps))
+        frames[first:last, mask] = COLOURS[event.colour]
+    return frames
+
+
+def render_audio(spec: ClipSpec, seed: int, sample_rate: int = 16000) -> np.ndarray:
+    """Mono float32: each audible event's tone or noise between its start and end."""
+    rng = np.random.default_rng([seed, spec.index, 1])
+    total = int(round(spec.duration * sample_rate))
+    audio = (0.002 * rng.standard_normal(total)).astype(np.float32)  # a faint noise floor
+    fade = int(0.02 * sample_rate)  # 20 ms ramps keep onsets click-free
+    for event in spec.events:
+        if not event.audible:
+            continue
+        first, last = int(event.start * sample_rate), int(event.end * sample_rate)
+        n = last - first
+        hz = SOUNDS[event.sound]
+        if hz is None:
+            wave = 0.25 * rng.standard_normal(n)
+        else:
+            wave = 0.3 * np.sin(2 * np.pi * hz * np.arange(n) / sample_rate)
+        envelope = np.ones(n)
+        envelope[:fade] = np.linspace(0, 1, fade)
+        envelope[-fade:] = np.linspace(1, 0, fade)
+        audio[first:last] += (wave * envelope).astype(np.float32)
+    return np.clip(audio, -1, 1)
+
+
+def render_clip(spec: ClipSpec, seed: int, settings: SyntheticConfig | None = None) -> bytes:
+    """The clip as mp4 bytes (H.264 + AAC)."""
+    settings = settings or SyntheticConfig()
+    frames = render_frames(spec, settings.width, settings.height, settings.fps)
+    audio = render_audio(spec, seed, settings.sample_rate)
+    return encode_mp4(frames, settings.fps, audio=audio, sample_rate=settings.sample_rate)
+
+
+# ---- a world in object storage ----------------------------------------------------------------
+@dataclass
+class WorldSummary:
+    root: str
+    num_clips: int
+    rendered: int  # clips rendered now (others already existed)
+    records: dict[str, int]  # split -> records written
+    seconds: float
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def video_uri(root: str, clip_id: str) -> str:
+    return join(root, "videos", f"{clip_id}.mp4")
+
+
+def _sample(settings: SyntheticConfig, index: int) -> ClipSpec:
+    return sample_clip(
+        settings.seed,
+        index,
+        min_duration=settings.min_duration_s,
+        max_duration=settings.max_duration_s,
+        max_events=settings.max_events,
+    )
+
+
+def _render_one(job: tuple[str, S3Config, SyntheticConfig, int, bool]) -> bool:
+    """Render and upload one clip; returns False when it already existed (kept)."""
+    root, s3, settings, index, overwrite = job
+    storage = Storage(s3)
+    spec = _sample(settings, index)
+    uri = video_uri(root, spec.clip_id)
+    if not overwrite and storage.exists(uri):
+        return False
+    storage.write_bytes(uri, render_clip(spec, settings.seed, settings))
+    return True
+
+
+def world_records(root: str, specs: list[ClipSpec]) -> list[dict]:
+    """Every annotation of the world as unified records (damo.data.records)."""
+    out = []
+    for spec in specs:
+        uri = video_uri(root, spec.clip_id)
+        for annotation in annotations(spec):
+            out.append(
+                make_record(
+                    **annotation, video_uri=uri, source="synthetic", extra={"clip": spec.index}
+                )
+            )
+    return out
+
+
+def generate_world(
+    root: str,
+    storage: Storage,
+    settings: SyntheticConfig | None = None,
+    workers: int | None = None,
+    overwrite: bool = False,
+    progress: bool = True,
+) -> WorldSummary:
+    """Render a world's clips to `root/videos/`, its records to `root/records/<split>.parquet`,
+    the ground-truth events to `root/clips.jsonl` and a manifest to `root/world.json`.
+
+    Clips render in parallel processes (`workers`, default: every CPU). A re-run keeps clips
+    that already exist unless `overwrite`.
+    """
+    started = time.perf_counter()
+    settings = settings or SyntheticConfig()
+    storage.ensure_bucket(root)
+    specs = [_sample(settings, i) for i in range(settings.num_clips)]
+    jobs = [(root, storage.s3, settings, i, overwrite) for i in range(settings.num_clips)]
+    workers = max(1, min(workers or os.cpu_count() or 1, len(jobs)))
+    bar = tqdm(total=len(jobs), desc="synthetic clips", unit="clip", disable=not progress)
+    rendered = 0
+    if workers == 1:
+        for job in jobs:
+            rendered += _render_one(job)
+            bar.update()
+    else:
+        # spawn: the parent may hold threads (Ray, boto3) that fork would copy half-way
+        context = multiprocessing.get_context("spawn")
+        with ProcessPoolExecutor(workers, mp_context=context) as pool:
+            for done in pool.map(_render_one, jobs, chunksize=4):
+                rendered += done
+                bar.update()
+    bar.close()
+
+    records = world_records(root, specs)
+    counts = {}
+    for split in ("train", "val", "test"):
+        rows = [r for r in records if r["split"] == split]
+        counts[split] = write_records(rows, join(root, "records", f"{split}.parquet"), storage)
+    clips_jsonl = "".join(json.dumps(spec.to_dict()) + "\n" for spec in specs)
+    storage.write_bytes(join(root, "clips.jsonl"), clips_jsonl.encode())
+    summary = WorldSummary(
+        root=root,
+        num_clips=settings.num_clips,
+        rendered=rendered,
+        records=counts,
+        seconds=time.perf_counter() - started,
+    )
+    manifest = {"settings": settings.model_dump(), **summary.to_dict()}
+    storage.write_bytes(join(root, "world.json"), json.dumps(manifest, indent=2).encode())
+    return summary
