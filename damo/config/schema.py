@@ -64,6 +64,7 @@ class RayConfig(Section):
 
 
 from damo.config.data import DataConfig  # noqa: E402  (data.py builds on Section above)
+from damo.config.model import ModelConfig  # noqa: E402  (model.py builds on Section above)
 
 
 class DamoConfig(Section):
@@ -74,3 +75,4 @@ class DamoConfig(Section):
     storage: StorageConfig = StorageConfig()
     ray: RayConfig = RayConfig()
     data: DataConfig = DataConfig()
+    model: ModelConfig = ModelConfig()

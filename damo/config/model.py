@@ -1,0 +1,240 @@
+"""Model configuration: one section per component of DaMO (DESIGN §3) and the stage table (§4).
+
+The defaults are the `paper` preset. Values the paper states are marked (paper); the rest are
+our choices where it is silent (default). Backbones are named by `path` (a local directory, a
+`file://` or `s3://` URI, or a hub name) and described by `arch`, the HF config fields that let
+the same classes be built on the meta device without downloading anything (parameter counts,
+shape checks) or at random for the tiny backbones.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import Field
+
+from damo.config.schema import Section
+
+Component = Literal["residual", "temporal", "fuseformer", "bridge", "heads", "lora"]
+
+
+class BackboneConfig(Section):
+    path: str = Field(description="Local dir, file:// or s3:// URI, or hub name of the weights.")
+    model_type: str = Field(description="HF model type, for building from `arch` alone.")
+    arch: dict[str, Any] = Field(
+        default_factory=dict, description="HF config fields used when building without weights."
+    )
+
+
+# (paper) EVA-CLIP ViT-L/14; (default) the HF stand-in CLIP ViT-L/14 at 224 px: 256 patches + CLS.
+class VisionEncoderConfig(BackboneConfig):
+    path: str = "openai/clip-vit-large-patch14"
+    model_type: str = "clip_vision_model"
+    arch: dict[str, Any] = Field(
+        default_factory=lambda: {
+            "hidden_size": 1024,
+            "intermediate_size": 4096,
+            "num_hidden_layers": 24,
+            "num_attention_heads": 16,
+            "image_size": 224,
+            "patch_size": 14,
+            "projection_dim": 768,
+        }
+    )
+
+
+# (paper) whisper-small; only its encoder is used.
+class AudioEncoderConfig(BackboneConfig):
+    path: str = "openai/whisper-small"
+    model_type: str = "whisper"
+    arch: dict[str, Any] = Field(
+        default_factory=lambda: {
+            "d_model": 768,
+            "encoder_layers": 12,
+            "encoder_attention_heads": 12,
+            "encoder_ffn_dim": 3072,
+            "decoder_layers": 12,
+            "decoder_attention_heads": 12,
+            "decoder_ffn_dim": 3072,
+            "num_mel_bins": 80,
+            "max_source_positions": 1500,
+            "vocab_size": 51865,
+        }
+    )
+    segment_seconds: float = Field(
+        default=2.0, gt=0, description="(default) audio per segment, centred on its timestamp."
+    )
+    sample_rate: int = 16000
+
+    @property
+    def tokens_per_second(self) -> int:
+        return 50  # Whisper: 100 mel frames per second, halved by the stride-2 conv
+
+    @property
+    def window_frames(self) -> int:
+        """Mel frames the encoder requires: 2 x max_source_positions (3000 = 30 s)."""
+        return 2 * int(self.arch.get("max_source_positions", 1500))
+
+    @property
+    def tokens_per_segment(self) -> int:
+        """Encoder tokens kept per segment: the ones that cover real audio, not padding."""
+        limit = int(self.arch.get("max_source_positions", 1500))
+        return max(1, min(limit, round(self.segment_seconds * self.tokens_per_second)))
+
+
+# (paper) a BERT-style text encoder for VTC/VTM; offline stand-in: the packaged MiniLM.
+class TextEncoderConfig(BackboneConfig):
+    path: str = "bert-base-uncased"
+    model_type: str = "bert"
+    arch: dict[str, Any] = Field(
+        default_factory=lambda: {
+            "hidden_size": 768,
+            "num_hidden_layers": 12,
+            "num_attention_heads": 12,
+            "intermediate_size": 3072,
+            "vocab_size": 30522,
+        }
+    )
+    max_length: int = Field(default=64, ge=4)
+
+
+class LoraConfig(Section):
+    r: int = Field(default=32, ge=1, description="(paper)")
+    alpha: int = Field(default=64, ge=1, description="(paper)")
+    dropout: float = Field(default=0.05, ge=0, lt=1)
+    target_modules: list[str] = Field(
+        default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"]
+    )
+
+
+# (paper) the Mistral-7B language model of LLaVA-v1.6, itself Mistral-7B-Instruct-v0.2 tuned;
+# point `path` at the extracted LLaVA language model to follow the paper to the letter.
+class LLMConfig(BackboneConfig):
+    path: str = "mistralai/Mistral-7B-Instruct-v0.2"
+    model_type: str = "mistral"
+    arch: dict[str, Any] = Field(
+        default_factory=lambda: {
+            "hidden_size": 4096,
+            "intermediate_size": 14336,
+            "num_hidden_layers": 32,
+            "num_attention_heads": 32,
+            "num_key_value_heads": 8,
+            "vocab_size": 32000,
+            "max_position_embeddings": 32768,
+            "rms_norm_eps": 1e-5,
+            "rope_theta": 1000000.0,
+            "tie_word_embeddings": False,
+        }
+    )
+    video_token: str = "<video>"
+    dtype: Literal["float32", "bfloat16", "float16"] = Field(
+        default="bfloat16", description="Dtype of the frozen LLM weights."
+    )
+    lora: LoraConfig = LoraConfig()
+
+
+class ResidualConfig(Section):
+    """X_res = AdaptiveAvgPool(X_local -> L') + FFN(X_global), then a linear to width D."""
+
+    visual_compression: int = Field(
+        default=8, ge=1, description="Visual local tokens per frame / L' (256 -> 32)."
+    )
+    audio_compression: int = Field(
+        default=4, ge=1, description="Audio tokens per segment / L' (100 -> 25)."
+    )
+    ffn_mult: int = Field(default=2, ge=1)
+
+
+class TemporalConfig(Section):
+    """Grouped conv along time + learnable positions + sinusoidal timestamps (seconds)."""
+
+    kernel: int = Field(default=3, ge=1, description="Odd, so stride 1 keeps the frame count.")
+    stride: int = Field(default=1, ge=1)
+    groups: int = Field(default=8, ge=1, description="Must divide the width D.")
+    max_positions: int = Field(default=256, ge=1, description="Frames/segments with a position.")
+    time_scale: float = Field(
+        default=10000.0, gt=0, description="Max period of the sinusoidal timestamp embedding."
+    )
+
+
+class FuseformerConfig(Section):
+    width: int = Field(default=768, ge=8, description="D (paper)")
+    depth: int = Field(default=4, ge=1, description="(paper) layers; a tunable.")
+    heads: int = Field(default=12, ge=1)
+    ffn_mult: int = Field(default=4, ge=1)
+    visual_queries: int = Field(default=192, ge=1, description="(paper)")
+    audio_queries: int = Field(default=64, ge=1, description="(paper)")
+    fusion_tokens: int = Field(default=128, ge=1, description="(paper)")
+    dropout: float = Field(default=0.0, ge=0, lt=1)
+
+
+class BridgeConfig(Section):
+    """Q-Former: learnable queries cross-attend to the fusion tokens; then a linear to the LLM."""
+
+    queries: int = Field(default=32, ge=1, description="Soft prompt length (default).")
+    depth: int = Field(default=2, ge=1)
+    heads: int = Field(default=12, ge=1)
+
+
+class HeadsConfig(Section):
+    """Stage-1 heads: VTC, VTM (hard negatives from VTC), VTG (video-grounded captioning)."""
+
+    embed_dim: int = Field(default=256, ge=8, description="Shared retrieval space of VTC.")
+    init_temperature: float = Field(default=0.07, gt=0)
+    vtm_depth: int = Field(default=1, ge=1)
+    vtg_depth: int = Field(default=2, ge=1)
+    vtg_max_length: int = Field(default=64, ge=4)
+    vtc_weight: float = Field(default=1.0, ge=0)
+    vtm_weight: float = Field(default=1.0, ge=0)
+    vtg_weight: float = Field(default=1.0, ge=0)
+
+
+class StageConfig(Section):
+    objective: Literal["alignment", "lm"]
+    trainable: list[Component]
+
+
+class StagesConfig(Section):
+    """DESIGN §4: what each stage trains. `lora` trains the LLM's adapter."""
+
+    stage1: StageConfig = StageConfig(
+        objective="alignment", trainable=["residual", "temporal", "fuseformer", "bridge", "heads"]
+    )
+    stage2: StageConfig = StageConfig(objective="lm", trainable=["fuseformer", "bridge"])
+    stage3: StageConfig = StageConfig(objective="lm", trainable=["fuseformer", "bridge", "lora"])
+    stage4: StageConfig = StageConfig(objective="lm", trainable=["bridge", "lora"])
+
+    def get(self, stage: int) -> StageConfig:
+        if stage not in (1, 2, 3, 4):
+            raise ValueError(f"stage must be 1, 2, 3 or 4, got {stage!r}")
+        return getattr(self, f"stage{stage}")
+
+
+class ModelConfig(Section):
+    """DaMO (DESIGN §3). Defaults are the paper preset."""
+
+    frames: int = Field(default=24, ge=1, description="(paper) frames sampled per video.")
+    audio_segments: int = Field(default=8, ge=1, description="(paper) audio segments per video.")
+    vision: VisionEncoderConfig = VisionEncoderConfig()
+    audio: AudioEncoderConfig = AudioEncoderConfig()
+    text_encoder: TextEncoderConfig = TextEncoderConfig()
+    llm: LLMConfig = LLMConfig()
+    residual: ResidualConfig = ResidualConfig()
+    temporal: TemporalConfig = TemporalConfig()
+    fuseformer: FuseformerConfig = FuseformerConfig()
+    bridge: BridgeConfig = BridgeConfig()
+    heads: HeadsConfig = HeadsConfig()
+    stages: StagesConfig = StagesConfig()
+
+    def with_backbones_at(self, root: str) -> ModelConfig:
+        """A copy whose backbones live under `root` (vision/, audio/, text_encoder/, llm/), the
+        layout `damo backbones make-tiny` writes."""
+        root = root.rstrip("/")
+        update = {
+            name: getattr(self, name).model_copy(update={"path": f"{root}/{name}"})
+            for name in BACKBONES
+        }
+        return self.model_copy(update=update)
+
+
+BACKBONES = ("vision", "audio", "text_encoder", "llm")

@@ -1,0 +1,298 @@
+"""DamoModel: the trainable video pathway, the stage-1 heads, a frozen text encoder and a frozen
+LLM with a LoRA adapter. It consumes cached encoder features (`VideoFeatures`); the frozen
+vision/audio encoders that make them live in `FrozenEncoders`.
+
+Batches are dicts of tensors:
+  video features  visual, visual_times, visual_mask, audio, audio_times, audio_mask (VideoFeatures)
+  stage 1         text_input_ids, text_attention_mask (B, S): the caption, text-encoder tokens
+  stages 2-4      input_ids, attention_mask, labels (B, S): from `PromptBuilder`
+"""
+
+from __future__ import annotations
+
+from contextlib import nullcontext
+
+import torch
+from torch import Tensor, nn
+
+from damo.config.model import Component, ModelConfig
+from damo.model.backbones import (
+    DTYPES,
+    Resolve,
+    freeze,
+    load_llm,
+    load_text_encoder,
+    local_dir,
+    vision_geometry,
+)
+from damo.model.heads import AlignmentHeads
+from damo.model.llm import PromptBuilder, add_lora, position_ids_from_mask, splice_video
+from damo.model.video import VideoFeatures, VideoPathway
+
+# Which submodules make up each trainable component; `lora` is the LLM's adapter.
+COMPONENT_MODULES: dict[str, tuple[str, ...]] = {
+    "residual": ("pathway.visual_residual", "pathway.audio_residual"),
+    "temporal": ("pathway.visual_temporal", "pathway.audio_temporal"),
+    "fuseformer": ("pathway.fuseformer",),
+    "bridge": ("pathway.bridge",),
+    "heads": ("heads",),
+}
+# The weights DaMO owns (saved in checkpoints); the backbones are referenced by path.
+OWNED_PREFIXES = ("pathway.", "heads.")
+
+
+class DamoModel(nn.Module):
+    def __init__(
+        self,
+        cfg: ModelConfig,
+        llm: nn.Module,
+        text_encoder: nn.Module,
+        tokenizer=None,
+        text_tokenizer=None,
+    ):
+        super().__init__()
+        self.cfg = cfg
+        visual_dim, visual_patches = vision_geometry(cfg.vision)
+        llm_dim = llm.get_input_embeddings().embedding_dim
+        text_dim = text_encoder.config.hidden_size
+        self.pathway = VideoPathway(
+            visual_dim=visual_dim,
+            audio_dim=int(cfg.audio.arch.get("d_model", 768)),
+            visual_patches=visual_patches,
+            audio_tokens=cfg.audio.tokens_per_segment,
+            llm_dim=llm_dim,
+            residual=cfg.residual,
+            temporal=cfg.temporal,
+            fuseformer=cfg.fuseformer,
+            bridge=cfg.bridge,
+        )
+        self.heads = AlignmentHeads(
+            cfg.fuseformer.width,
+            text_dim,
+            cfg.fuseformer.heads,
+            text_encoder.config.vocab_size,
+            cfg.heads,
+        )
+        self.text_encoder = freeze(text_encoder)
+        self.tokenizer = tokenizer
+        self.text_tokenizer = text_tokenizer
+        if tokenizer is not None:
+            if cfg.llm.video_token not in tokenizer.get_vocab():
+                tokenizer.add_special_tokens({"additional_special_tokens": [cfg.llm.video_token]})
+            if len(tokenizer) > llm.get_input_embeddings().num_embeddings:
+                llm.resize_token_embeddings(len(tokenizer))
+            self.video_token_id = tokenizer.convert_tokens_to_ids(cfg.llm.video_token)
+            self.prompt_builder = PromptBuilder(tokenizer, cfg.llm.video_token, cfg.bridge.queries)
+        else:
+            # Built without a tokenizer (meta device): the last id stands in for <video>.
+            self.video_token_id = llm.get_input_embeddings().num_embeddings - 1
+            self.prompt_builder = None
+        self.llm = add_lora(llm, cfg.llm.lora)
+
+    # ---- construction ----------------------------------------------------------------------
+    @classmethod
+    def from_config(
+        cls,
+        cfg: ModelConfig,
+        pretrained: bool = True,
+        resolve: Resolve | None = None,
+        device: str | torch.device | None = None,
+    ) -> DamoModel:
+        """Load the backbones (`pretrained`) or build them from `arch` (at random, or on
+        `device="meta"` to count parameters and check shapes without any weights)."""
+        if device is not None and torch.device(device).type == "meta" and pretrained:
+            raise ValueError("the meta device holds no weights: use pretrained=False")
+        with torch.device(device) if device is not None else nullcontext():
+            llm = load_llm(cfg.llm, pretrained, resolve, DTYPES[cfg.llm.dtype])
+            text_encoder = load_text_encoder(cfg.text_encoder, pretrained, resolve)
+            tokenizer = text_tokenizer = None
+            if pretrained:
+                from transformers import AutoTokenizer
+
+                tokenizer = AutoTokenizer.from_pretrained(local_dir(cfg.llm.path, resolve))
+                text_tokenizer = AutoTokenizer.from_pretrained(
+                    local_dir(cfg.text_encoder.path, resolve)
+                )
+            return cls(cfg, llm, text_encoder, tokenizer, text_tokenizer)
+
+    # ---- stages ----------------------------------------------------------------------------
+    def component_parameters(self, component: Component) -> dict[str, nn.Parameter]:
+        if component == "lora":
+            return {
+                f"llm.{name}": param
+                for name, param in self.llm.named_parameters()
+                if "lora_" in name
+            }
+        prefixes = tuple(prefix + "." for prefix in COMPONENT_MODULES[component])
+        return {name: param for name, param in self.named_parameters() if name.startswith(prefixes)}
+
+    def trainable_named_parameters(self, stage: int) -> dict[str, nn.Parameter]:
+        """The parameters stage `stage` trains (DESIGN §4, `cfg.stages`).
+
+        Only parameters on the stage's loss path count: the bridge's projection to the LLM is
+        unused by the LLM-free alignment objective, and the stage-1 heads by the LM stages.
+        """
+        stage_cfg = self.cfg.stages.get(stage)
+        params: dict[str, nn.Parameter] = {}
+        for component in stage_cfg.trainable:
+            if stage_cfg.objective == "lm" and component == "heads":
+                continue
+            params.update(self.component_parameters(component))
+        if stage_cfg.objective == "alignment":
+            params = {k: v for k, v in params.items() if not k.startswith("pathway.bridge.to_llm")}
+        return params
+
+    def trainable_parameters(self, stage: int) -> list[nn.Parameter]:
+        return list(self.trainable_named_parameters(stage).values())
+
+    def set_stage(self, stage: int) -> list[nn.Parameter]:
+        """Freeze everything but stage `stage`'s trainable set; return that set (for the
+        optimizer)."""
+        trainable = self.trainable_named_parameters(stage)
+        for name, param in self.named_parameters():
+            param.requires_grad_(name in trainable)
+        return list(trainable.values())
+
+    def train(self, mode: bool = True) -> DamoModel:
+        super().train(mode)
+        self.text_encoder.eval()  # frozen: never dropout
+        return self
+
+    # ---- forward ---------------------------------------------------------------------------
+    def forward(self, batch: dict[str, Tensor], stage: int) -> dict[str, Tensor]:
+        """The losses of stage `stage` for one batch; `loss` is what to minimise."""
+        video = VideoFeatures.from_batch(batch)
+        if self.cfg.stages.get(stage).objective == "alignment":
+            return self.alignment_losses(
+                video, batch["text_input_ids"], batch["text_attention_mask"]
+            )
+        loss = self.lm_loss(video, batch["input_ids"], batch["attention_mask"], batch["labels"])
+        return {"lm": loss, "loss": loss}
+
+    def soft_prompt(self, video: VideoFeatures) -> Tensor:
+        return self.pathway(video)  # (B, K, H)
+
+    def text_states(self, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
+        with torch.no_grad():
+            return self.text_encoder(
+                input_ids=input_ids, attention_mask=attention_mask
+            ).last_hidden_state  # (B, S, Dt)
+
+    def alignment_losses(
+        self, video: VideoFeatures, text_input_ids: Tensor, text_attention_mask: Tensor
+    ) -> dict[str, Tensor]:
+        """Stage 1: VTC + VTM (hard negatives from the VTC similarities) + VTG."""
+        weights = self.cfg.heads
+        query_states = self.pathway.query_states(video)  # (B, K, D)
+        text_states = self.text_states(text_input_ids, text_attention_mask)  # (B, S, Dt)
+        video_emb = self.heads.vtc.embed_video(query_states)  # (B, E)
+        text_emb = self.heads.vtc.embed_text(text_states, text_attention_mask)  # (B, E)
+        sims = self.heads.vtc.similarities(video_emb, text_emb)  # (B, B)
+        losses = {
+            "vtc": self.heads.vtc.loss(sims),
+            "vtm": self.heads.vtm.loss(query_states, text_states, sims.detach()),
+            "vtg": self.heads.vtg.loss(query_states, text_input_ids, text_attention_mask),
+        }
+        losses["loss"] = (
+            weights.vtc_weight * losses["vtc"]
+            + weights.vtm_weight * losses["vtm"]
+            + weights.vtg_weight * losses["vtg"]
+        )
+        return losses
+
+    def llm_inputs(self, video: VideoFeatures, input_ids: Tensor) -> Tensor:
+        """Token embeddings with the soft prompt spliced in at the `<video>` tokens."""
+        embeds = self.llm.get_input_embeddings()(input_ids)  # (B, S, H)
+        return splice_video(embeds, input_ids, self.video_token_id, self.soft_prompt(video))
+
+    def lm_loss(
+        self, video: VideoFeatures, input_ids: Tensor, attention_mask: Tensor, labels: Tensor
+    ) -> Tensor:
+        """Stages 2-4: next-token loss on the answer tokens (labels mask the prompt)."""
+        output = self.llm(
+            inputs_embeds=self.llm_inputs(video, input_ids),
+            attention_mask=attention_mask,
+            position_ids=position_ids_from_mask(attention_mask),
+            labels=labels,
+        )
+        return output.loss
+
+    # ---- retrieval -------------------------------------------------------------------------
+    def tokenize_text(self, texts: list[str]) -> dict[str, Tensor]:
+        """Captions -> text_input_ids / text_attention_mask for the text encoder and VTG."""
+        if self.text_tokenizer is None:
+            raise RuntimeError("no text tokenizer: build the model with pretrained=True")
+        max_length = min(self.cfg.text_encoder.max_length, self.cfg.heads.vtg_max_length + 1)
+        encoded = self.text_tokenizer(
+            texts, padding=True, truncation=True, max_length=max_length, return_tensors="pt"
+        )
+        return {
+            "text_input_ids": encoded["input_ids"],
+            "text_attention_mask": encoded["attention_mask"],
+        }
+
+    @torch.no_grad()
+    def embed_video(self, video: VideoFeatures) -> Tensor:
+        """(B, E) unit vectors in the VTC space, for text-to-video retrieval."""
+        return self.heads.vtc.embed_video(self.pathway.query_states(video))
+
+    @torch.no_grad()
+    def embed_text(self, texts: list[str]) -> Tensor:
+        """(B, E) unit vectors in the VTC space."""
+        inputs = self.tokenize_text(texts)
+        ids, mask = inputs["text_input_ids"], inputs["text_attention_mask"]
+        device = self.heads.vtc.log_scale.device
+        ids, mask = ids.to(device), mask.to(device)
+        return self.heads.vtc.embed_text(self.text_states(ids, mask), mask)
+
+    # ---- generation ------------------------------------------------------------------------
+    @torch.no_grad()
+    def generate(
+        self,
+        video: VideoFeatures,
+        prompts: list[str],
+        max_new_tokens: int = 64,
+        greedy: bool = True,
+        **generate_kwargs,
+    ) -> list[str]:
+        """Answer one prompt per video, batched (left padding); greedy decoding by default."""
+        if self.prompt_builder is None:
+            raise RuntimeError("no tokenizer: build the model with pretrained=True")
+        if len(prompts) != video.visual.shape[0]:
+            raise ValueError(f"{len(prompts)} prompts for {video.visual.shape[0]} videos")
+        device = self.pathway.bridge.queries.device
+        inputs = self.prompt_builder.prompts(prompts)
+        input_ids = inputs["input_ids"].to(device)
+        attention_mask = inputs["attention_mask"].to(device)
+        output = self.llm.generate(
+            inputs_embeds=self.llm_inputs(video.to(device), input_ids),
+            attention_mask=attention_mask,
+            max_new_tokens=max_new_tokens,
+            do_sample=not greedy,
+            pad_token_id=self.prompt_builder.pad_token_id,
+            eos_token_id=self.tokenizer.eos_token_id,
+            **generate_kwargs,
+        )  # (B, new tokens): with inputs_embeds only the continuation comes back
+        texts = self.tokenizer.batch_decode(output, skip_special_tokens=True)
+        return [text.strip() for text in texts]
+
+
+def random_video(
+    cfg: ModelConfig,
+    batch: int,
+    device: str | torch.device | None = None,
+    generator: torch.Generator | None = None,
+) -> VideoFeatures:
+    """Random encoder features shaped as `cfg`'s encoders would produce them."""
+    visual_dim, patches = vision_geometry(cfg.vision)
+    return VideoFeatures.random(
+        batch,
+        frames=cfg.frames,
+        visual_tokens=1 + patches,
+        visual_dim=visual_dim,
+        segments=cfg.audio_segments,
+        audio_tokens=cfg.audio.tokens_per_segment,
+        audio_dim=int(cfg.audio.arch.get("d_model", 768)),
+        device=device,
+        generator=generator,
+    )
