@@ -175,3 +175,37 @@ def eval_qvh(
     typer.echo(text)
     if out is not None:
         out.write_text(text + "\n")
+
+
+# ---- data -----------------------------------------------------------------------------------
+data_app = typer.Typer(help="Datasets: the synthetic audio-visual world.", no_args_is_help=True)
+app.add_typer(data_app, name="data")
+
+
+@data_app.command("synth")
+@friendly_errors
+def data_synth(
+    out: Annotated[str, typer.Option(help="Root URI or path of the world (videos/, records/).")],
+    clips: Annotated[int | None, typer.Option(min=1, help="Number of clips.")] = None,
+    seed: Annotated[int | None, typer.Option(help="World seed (same seed, same world).")] = None,
+    workers: Annotated[int | None, typer.Option(min=1, help="Processes; default all CPUs.")] = None,
+    overwrite: Annotated[bool, typer.Option(help="Re-render clips that already exist.")] = False,
+    config: ConfigName = None,
+    overrides: Overrides = None,
+) -> None:
+    """Generate the synthetic AV world (mp4 clips + annotation records) into object storage."""
+    from damo.data.synthetic import generate_world
+    from damo.media.storage import Storage
+
+    cfg = load_config(config, overrides or [])
+    settings = cfg.data.synthetic.model_copy(
+        update={k: v for k, v in {"num_clips": clips, "seed": seed}.items() if v is not None}
+    )
+    summary = generate_world(
+        out, Storage(cfg.storage.s3), settings, workers=workers, overwrite=overwrite
+    )
+    records = ", ".join(f"{split} {n}" for split, n in summary.records.items())
+    console.print(
+        f"world of {summary.num_clips} clips at {escape(out)} ({summary.rendered} rendered, "
+        f"{summary.seconds:.1f}s); records: {records}"
+    )

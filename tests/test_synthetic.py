@@ -138,3 +138,19 @@ def test_generate_world_on_s3_and_decode_it(s3_storage):
                 assert lit, (e, t, pixel)
             elif t < e.start - 0.2 or t > e.end + 0.2:
                 assert not lit, (e, t, pixel)
+
+
+def test_cli_data_synth(tmp_path):
+    from typer.testing import CliRunner
+
+    from damo.cli import app
+
+    out = tmp_path / "world"
+    result = CliRunner().invoke(
+        app, ["data", "synth", "--out", str(out), "--clips", "3", "--seed", "2", "--workers", "1"]
+    )
+    assert result.exit_code == 0, result.output
+    assert "world of 3 clips" in result.output
+    assert sorted(p.name for p in (out / "videos").iterdir()) == [
+        f"syn2-{i:05d}.mp4" for i in range(3)
+    ]
