@@ -9,6 +9,7 @@ from typing import Annotated
 import typer
 from rich.console import Console
 from rich.markup import escape
+from rich.table import Table
 
 import damo
 from damo.config import ConfigError, available_configs, config_to_yaml, load_config
@@ -175,6 +176,127 @@ def eval_qvh(
     typer.echo(text)
     if out is not None:
         out.write_text(text + "\n")
+
+
+# ---- extract --------------------------------------------------------------------------------
+@app.command("extract")
+@friendly_errors
+def extract_command(
+    out: Annotated[str, typer.Option(help="Where features/, errors/ and summary.json go.")],
+    videos: Annotated[
+        str | None, typer.Option(help="Extract every object under this prefix (URI or path).")
+    ] = None,
+    config: ConfigName = None,
+    overrides: Overrides = None,
+    batch_size: Annotated[int, typer.Option(min=1, help="Clips per encoder batch.")] = 4,
+    actors: Annotated[int, typer.Option(min=1, help="Encoder actors (one model copy each).")] = 1,
+    gpus_per_actor: Annotated[float, typer.Option(min=0, help="GPUs per encoder actor.")] = 0.0,
+) -> None:
+    """Decode videos and run the frozen encoders with Ray Data into Parquet feature shards."""
+    from damo.data.extract import connect_ray, extract_features, video_uris
+    from damo.media.storage import Storage
+
+    if videos is None:
+        err_console.print("[bold red]error:[/] give --videos PREFIX")
+        raise typer.Exit(code=2)
+    cfg = load_config(config, overrides or [])
+    storage = Storage(cfg.storage.s3)
+    uris = video_uris(storage, videos)
+    if not uris:
+        err_console.print(f"[bold red]error:[/] no objects under {escape(videos)}")
+        raise typer.Exit(code=2)
+    connect_ray(cfg)
+    summary = extract_features(uris, out, cfg, batch_size=batch_size, num_actors=actors,
+                               num_gpus_per_actor=gpus_per_actor, storage=storage)
+    table = Table(title=f"feature extraction -> {out}")
+    for column in ("inputs", "skipped (done before)", "ok", "errors", "clips/s"):
+        table.add_column(column)
+    table.add_row(str(summary.inputs), str(summary.skipped), str(summary.ok),
+                  str(sum(summary.errors.values())), f"{summary.clips_per_second:.2f}")
+    console.print(table)
+    for reason, count in sorted(summary.errors.items()):
+        console.print(f"  error {reason}: {count}")
+
+
+# ---- model ----------------------------------------------------------------------------------
+model_app = typer.Typer(help="Inspect DaMO model presets (no weights).", no_args_is_help=True)
+backbones_app = typer.Typer(help="Backbone checkpoints for DaMO.", no_args_is_help=True)
+app.add_typer(model_app, name="model")
+app.add_typer(backbones_app, name="backbones")
+Preset = Annotated[str, typer.Argument(help="Named config (tiny, paper) or a YAML file.")]
+
+
+@model_app.command("tokens")
+@friendly_errors
+def model_tokens(preset: Preset, overrides: Overrides = None) -> None:
+    """Tokens per video at each step, encoders to soft prompt, and the compression ratio."""
+    from rich.table import Table
+
+    from damo.model.accounting import compression_ratio, naive_visual_tokens, token_steps
+
+    cfg = load_config(preset, overrides or []).model
+    table = Table(title=f"DaMO tokens per video ({preset})")
+    for column in ("step", "visual", "audio", "total"):
+        table.add_column(column, justify="left" if column == "step" else "right")
+    for step in token_steps(cfg):
+        table.add_row(step.name, f"{step.visual:,}", f"{step.audio:,}", f"{step.total:,}")
+    console.print(table)
+    console.print(
+        f"naive per-patch concatenation of every frame: {naive_visual_tokens(cfg):,} tokens; "
+        f"soft prompt: {cfg.bridge.queries} tokens; ratio {compression_ratio(cfg):.1f}x"
+    )
+
+
+@model_app.command("params")
+@friendly_errors
+def model_params(preset: Preset, overrides: Overrides = None) -> None:
+    """Parameter counts (frozen backbones, trainable components, per stage), on meta device."""
+    from rich.table import Table
+
+    from damo.model.accounting import parameter_counts
+
+    counts = parameter_counts(load_config(preset, overrides or []).model)
+    table = Table(title=f"DaMO parameters ({preset})")
+    table.add_column("group")
+    table.add_column("name")
+    table.add_column("parameters", justify="right")
+    for group in ("frozen", "components", "stages"):
+        label = {"frozen": "frozen", "components": "trainable", "stages": "trained in"}[group]
+        for name, value in counts[group].items():
+            table.add_row(label, name, f"{value:,}")
+    console.print(table)
+    console.print(f"frozen total: {sum(counts['frozen'].values()):,}")
+    console.print(f"trainable total: {sum(counts['components'].values()):,}")
+
+
+@backbones_app.command("make-tiny")
+@friendly_errors
+def backbones_make_tiny(
+    out: Annotated[str, typer.Option(help="Where to write vision/, audio/, text_encoder/, llm/.")],
+    steps: Annotated[int, typer.Option(min=0, help="Pre-training steps of the tiny LLM.")] = 200,
+    clips: Annotated[int, typer.Option(min=1, help="Synthetic clips whose text it reads.")] = 200,
+    seed: int = 0,
+    config: Annotated[
+        str, typer.Option("--config", "-c", help="Config whose model.* arch fields to build.")
+    ] = "tiny",
+    overrides: Overrides = None,
+) -> None:
+    """Write tiny real HF backbones (tokenizer and LLM pre-trained on synthetic-world text)."""
+    from damo.data.backbones import make_tiny_backbones
+    from damo.media.storage import Storage
+
+    cfg = load_config(config, overrides or [])
+    timings = make_tiny_backbones(
+        out,
+        cfg=cfg.model,
+        storage=Storage(cfg.storage.s3),
+        steps=steps,
+        num_clips=clips,
+        seed=seed,
+        log=console.print,
+    )
+    total = sum(v for k, v in timings.items() if k.endswith("_s"))
+    console.print(f"tiny backbones written to {escape(out)} in {total:.1f}s")
 
 
 # ---- data -----------------------------------------------------------------------------------

@@ -203,7 +203,14 @@ def config_to_yaml(config: BaseModel) -> str:
     return yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False)
 
 
-def config_hash(config: BaseModel) -> str:
-    """A short stable digest of a resolved config (or one section of it)."""
-    canonical = json.dumps(config.model_dump(mode="json"), sort_keys=True, separators=(",", ":"))
+def config_hash(config: BaseModel | dict[str, Any]) -> str:
+    """A short stable digest of a resolved config, one section of it, or a dict of sections."""
+    data = config if isinstance(config, dict) else config.model_dump(mode="json")
+    canonical = json.dumps(data, sort_keys=True, separators=(",", ":"), default=_dump)
     return hashlib.sha256(canonical.encode()).hexdigest()[:16]
+
+
+def _dump(value: Any) -> Any:
+    if isinstance(value, BaseModel):
+        return value.model_dump(mode="json")
+    raise TypeError(f"cannot hash a {type(value).__name__}")
