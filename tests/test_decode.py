@@ -162,3 +162,30 @@ def test_bad_media_corpus_on_s3(s3_storage):
     items = build_media_corpus("s3://damo-badmedia/corpus", s3_storage)
     assert MediaReason.ACCESS_DENIED in {i.expected for i in items}
     _check_corpus(items, s3_storage)
+
+
+@pytest.mark.parametrize("container_format", ["mp4", "matroska", "mpegts"])
+def test_seeking_is_exact_in_every_container(tmp_path, container_format):
+    """mpegts has no index (seeks land by timestamp search): the frames must still be exact."""
+    frames = []
+    for i in range(160):
+        frame = np.full((32, 32, 3), (i * 37) % 256, np.uint8)
+        frame[0, :8] = i
+        frames.append(frame)
+    data = encode_mp4(
+        frames, 8, audio=np.zeros(20 * 16000, np.float32), container_format=container_format
+    )
+    path = tmp_path / f"clip.{container_format}"
+    path.write_bytes(data)
+    clip = decode_clip(str(path), num_frames=24, image_size=32, resize_mode="squash")
+    assert isinstance(clip, DecodedClip), clip
+    assert clip.duration == pytest.approx(20.0, abs=0.15) and clip.has_audio
+    with av.open(str(path)) as container:
+        full = [(f.time, frame_to_array(f, 0, 32, "squash")) for f in container.decode(video=0)]
+    full_times = np.array([t for t, _ in full]) - full[0][0]
+    for target, got_time, got in zip(
+        uniform_times(clip.duration, 24), clip.frame_times, clip.frames, strict=True
+    ):
+        index = np.searchsorted(full_times, target, side="right") - 1
+        assert got_time == pytest.approx(full_times[index])
+        np.testing.assert_array_equal(got, full[index][1])

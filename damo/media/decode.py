@@ -282,8 +282,43 @@ def _keyframe_times(video) -> list[float]:
     return sorted(e.timestamp * tb - start for e in entries if e.is_keyframe)
 
 
-def _decode_errors(frame) -> bool:
-    return bool(getattr(frame, "is_corrupt", False))
+def _next_frame(decoder, start: float, near: float, deadline: _Deadline):
+    """(frame, seconds) of the next decodable frame, or None at the end of the stream."""
+    while True:
+        deadline.check()
+        try:
+            frame = next(decoder)
+        except StopIteration:
+            return None
+        except av.error.FFmpegError as err:
+            raise MediaFailure(
+                MediaReason.CORRUPT, f"decode error near {near:.2f} s: {err}"
+            ) from err
+        if frame.is_corrupt:
+            raise MediaFailure(MediaReason.CORRUPT, f"corrupt frame near {near:.2f} s")
+        if frame.pts is not None:
+            return frame, frame.time - start
+
+
+def _seek(container, video, target: float, start: float, deadline: _Deadline):
+    """(decoder, its first frame) with that frame at or before `target`.
+
+    An indexed container lands on the keyframe before the target at once; where a seek lands
+    late (a poor or missing index), step further back.
+    """
+    back = 0.0
+    while True:
+        at = max(0.0, target - back)
+        container.seek(int((at + start) / float(video.time_base)), stream=video, backward=True)
+        decoder = container.decode(video)
+        first = _next_frame(decoder, start, target, deadline)
+        landed = first is not None and first[1] <= target + _EPSILON
+        if landed or at == 0.0 or back >= 64.0:
+            return decoder, first
+        back = max(1.0, back * 4)
+
+
+_EPSILON = 1e-6
 
 
 def sample_frames(
@@ -294,19 +329,18 @@ def sample_frames(
     """The frame on screen at each target time (seconds), by seek + forward decode.
 
     A seek happens only when a keyframe lies between the last decoded frame and the target
-    (or when the container has no index); otherwise decoding simply continues.
+    (or, without an index, when the target is more than 2 s ahead); otherwise decoding simply
+    continues, so targets inside one GOP share its decode.
     """
     video = container.streams.video[0]
-    time_base = float(video.time_base)
-    start = float(video.start_time or 0) * time_base
+    start = float((video.start_time or 0) * video.time_base)
     keyframes = _keyframe_times(video)
     frames: list[av.VideoFrame] = []
     times: list[float] = []
     decoder = None
-    previous = None  # (frame, time) of the last decoded frame, not yet past a target
-    pending = None  # a decoded frame already past the previous target
+    previous = None  # (frame, seconds): the last decoded frame at or before the last target
+    lookahead = None  # (frame, seconds): a decoded frame after it
     for target in targets:
-        deadline.check()
         here = previous[1] if previous else None
         key = keyframes[bisect.bisect_right(keyframes, target) - 1] if keyframes else None
         must_seek = (
@@ -317,46 +351,25 @@ def sample_frames(
             or (key is None and target - here > 2.0)
         )
         if must_seek:
-            container.seek(int((target + start) / time_base), stream=video, backward=True)
-            decoder = container.decode(video)
-            previous, pending = None, None
-        chosen = None
+            decoder, lookahead = _seek(container, video, target, start, deadline)
+            previous = None
         while True:
-            if pending is not None:
-                frame, t = pending
-                pending = None
-            else:
-                deadline.check()
-                try:
-                    frame = next(decoder)
-                except StopIteration:
-                    break
-                except av.error.FFmpegError as err:
-                    raise MediaFailure(
-                        MediaReason.CORRUPT, f"decode error near {target:.2f} s: {err}"
-                    ) from err
-                if _decode_errors(frame):
-                    raise MediaFailure(MediaReason.CORRUPT, f"corrupt frame near {target:.2f} s")
-                if frame.pts is None:
-                    continue
-                t = frame.time - start
-            if t > target + 1e-6:
-                # This frame comes after the target: the previous one was on screen, unless the
-                # seek landed late (then this is the closest we have).
-                chosen = previous if previous is not None else (frame, t)
-                pending = (frame, t) if previous is not None else None
-                if pending is None:
-                    previous = (frame, t)
+            if lookahead is None:
+                lookahead = _next_frame(decoder, start, target, deadline)
+                if lookahead is None:
+                    break  # end of stream: the last frame stays on screen
+            if lookahead[1] > target + _EPSILON:
                 break
-            previous = (frame, t)
-        if chosen is None:
-            chosen = previous  # end of stream: the last frame stays on screen
-        if chosen is None:
+            previous, lookahead = lookahead, None
+        if previous is None and lookahead is not None:
+            # the seek landed after the target even from the start: the closest frame we have
+            previous, lookahead = lookahead, None
+        if previous is None:
             raise MediaFailure(
                 MediaReason.TRUNCATED, f"no frame could be decoded at or before {target:.2f} s"
             )
-        frames.append(chosen[0])
-        times.append(chosen[1])
+        frames.append(previous[0])
+        times.append(previous[1])
     return frames, times
 
 

@@ -28,12 +28,14 @@ def encode_mp4(
     faststart: bool = False,
     codec: str = "libx264",
     audio_bitrate: int = 48000,
+    container_format: str = "mp4",
 ) -> bytes:
     """Encode RGB frames (H, W, 3 uint8) and optional mono float audio into mp4 bytes.
 
     `frame_times` (seconds, increasing) gives each frame its own timestamp, which makes a
     variable-frame-rate video; by default frame i is at i / fps. `rotation` (counter-clockwise
     degrees) is stored as the display matrix, as phones do. `faststart` puts the index first.
+    `container_format` other than mp4 ("matroska", "mpegts") serves tests of other containers.
     """
     settings = dict(
         frames=frames,
@@ -47,6 +49,7 @@ def encode_mp4(
         preset=preset,
         codec=codec,
         audio_bitrate=audio_bitrate,
+        container_format=container_format,
     )
     if faststart:
         # faststart rewrites the file to move the index first, which needs a real file.
@@ -74,8 +77,9 @@ def _encode(
     preset,
     codec,
     audio_bitrate,
+    container_format,
 ) -> None:
-    with av.open(target, "w", format="mp4", options=options) as container:
+    with av.open(target, "w", format=container_format, options=options) as container:
         frames = iter(frames)
         first = next(frames)
         height, width = first.shape[:2]
