@@ -333,15 +333,19 @@ def annotation_texts(record: dict) -> list[str]:
     return [" ".join(part for part in (record["query"], record["answer"]) if part)]
 
 
-def text_corpus(num_clips: int, seed: int) -> list[str]:
+def text_corpus(num_clips: int, seed: int, settings: SyntheticConfig | None = None) -> list[str]:
     """Every text of a world (captions, questions with answers, grounding answers, dialogues).
 
     Renders no media: this is cheap, for pretraining a tokenizer and a tiny language model on
-    exactly the vocabulary the world uses.
+    exactly the vocabulary the world uses. `settings` (durations, events) default to those of
+    `SyntheticConfig`; its num_clips and seed are replaced by the arguments.
     """
+    settings = (settings or SyntheticConfig()).model_copy(
+        update={"num_clips": num_clips, "seed": seed}
+    )
     texts: list[str] = []
     for index in range(num_clips):
-        for record in annotations(sample_clip(seed, index)):
+        for record in annotations(_sample(settings, index)):
             texts.extend(annotation_texts(record))
     return texts
 
