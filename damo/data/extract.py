@@ -133,13 +133,21 @@ def decode_videos(batch: dict[str, np.ndarray], cfg: DamoConfig) -> dict[str, np
 def _decoded_batch(
     rows: list[tuple[str, str, DecodedClip | MediaError]], frames: int, segments: int
 ) -> dict[str, np.ndarray]:
-    """Stack a batch; error rows carry zero-filled arrays so every column keeps one shape."""
-    ok = [c for _, _, c in rows if isinstance(c, DecodedClip)]
-    frame_shape = ok[0].frames.shape if ok else (frames, 3, 1, 1)
-    audio_shape = ok[0].audio.shape if ok else (segments, 1)
+    """Stack a batch. Error rows carry empty arrays: the encoder stage never looks at them."""
 
-    def pick(clip, attr, shape, dtype):
-        return getattr(clip, attr) if isinstance(clip, DecodedClip) else np.zeros(shape, dtype)
+    def column(attr, empty_shape, dtype):
+        values = [
+            getattr(c, attr) if isinstance(c, DecodedClip) else np.zeros(empty_shape, dtype)
+            for _, _, c in rows
+        ]
+        if len({v.shape for v in values}) == 1:
+            return np.stack(values)
+        ragged = np.empty(len(values), dtype=object)  # Ray stores it as a variable-shape tensor
+        ragged[:] = values
+        return ragged
+
+    def scalar(get, default):
+        return np.array([get(c) if isinstance(c, DecodedClip) else default for _, _, c in rows])
 
     return {
         "key": np.array([k for k, _, _ in rows]),
@@ -150,24 +158,13 @@ def _decoded_batch(
         "error_message": np.array(
             [c.message if isinstance(c, MediaError) else "" for _, _, c in rows]
         ),
-        "frames": np.stack([pick(c, "frames", frame_shape, np.uint8) for _, _, c in rows]),
-        "frame_times": np.stack(
-            [pick(c, "frame_times", (frames,), np.float64) for _, _, c in rows]
-        ),
-        "audio": np.stack([pick(c, "audio", audio_shape, np.float32) for _, _, c in rows]),
-        "segment_bounds": np.stack(
-            [pick(c, "segment_bounds", (segments, 2), np.float64) for _, _, c in rows]
-        ),
-        "has_audio": np.array([isinstance(c, DecodedClip) and c.has_audio for _, _, c in rows]),
-        "duration": np.array(
-            [c.duration if isinstance(c, DecodedClip) else 0.0 for _, _, c in rows]
-        ),
-        "probe": np.array(
-            [
-                json.dumps(c.probe.to_dict()) if isinstance(c, DecodedClip) else ""
-                for _, _, c in rows
-            ]
-        ),
+        "frames": column("frames", (0,), np.uint8),  # (B, T, 3, H, W) uint8
+        "audio": column("audio", (0,), np.float32),  # (B, M, samples) float32
+        "frame_times": column("frame_times", (frames,), np.float64),  # (B, T) seconds
+        "segment_bounds": column("segment_bounds", (segments, 2), np.float64),  # (B, M, 2)
+        "has_audio": scalar(lambda c: c.has_audio, False),
+        "duration": scalar(lambda c: c.duration, 0.0),
+        "probe": scalar(lambda c: json.dumps(c.probe.to_dict()), ""),
     }
 
 
@@ -177,7 +174,7 @@ class EncodeFeatures:
     def __init__(self, cfg: DamoConfig, cfg_hash: str, s3: S3Config):
         import torch
 
-        from damo.model.backbones import FrozenEncoders
+        from damo.model.backbones import FrozenEncoders, arch_config, vision_geometry
 
         storage = Storage(s3)
         self.device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -185,31 +182,33 @@ class EncodeFeatures:
             cfg.model, pretrained=True, resolve=storage.fetch_dir
         ).to(self.device)
         self.names = (cfg.model.vision.path, cfg.model.audio.path)
+        # every row gets these shapes, error rows zeros, so the columns stay fixed-shape tensors
+        width, patches = vision_geometry(cfg.model.vision)
+        audio_width = arch_config(cfg.model.audio).d_model
+        decode = cfg.data.decode
+        self.visual_shape = (decode.num_frames, 1 + patches, width)
+        self.audio_shape = (decode.num_segments, cfg.model.audio.tokens_per_segment, audio_width)
         self.cfg_hash = cfg_hash
         self.sample_rate = cfg.data.decode.sample_rate
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         import torch
 
-        ok = batch["error_reason"] == ""
-        size = len(ok)
-        if ok.any():
-            frames = batch["frames"][ok]  # (B, T, 3, H, W) uint8
+        ok = np.flatnonzero(batch["error_reason"] == "")
+        size = len(batch["error_reason"])
+        visual_all = np.zeros((size, *self.visual_shape), np.float16)  # (B, T, 1+P, Dv)
+        audio_all = np.zeros((size, *self.audio_shape), np.float16)  # (B, M, L, Da)
+        if len(ok):
+            frames = np.stack([batch["frames"][i] for i in ok])  # (B, T, 3, H, W) uint8
             b, t = frames.shape[:2]
             pixels = self.encoders.preprocess_frames(list(frames.reshape(b * t, *frames.shape[2:])))
             visual = self.encoders.encode_frames(pixels.to(self.device))  # (B*T, 1+P, Dv)
-            audio = batch["audio"][ok]  # (B, M, samples)
-            m = audio.shape[1]
-            mel = self.encoders.preprocess_audio(list(audio.reshape(b * m, -1)), self.sample_rate)
+            # segments may differ in length between clips; the feature extractor pads each
+            segments = [segment for i in ok for segment in batch["audio"][i]]
+            mel = self.encoders.preprocess_audio(segments, self.sample_rate)
             heard = self.encoders.encode_audio(mel.to(self.device))  # (B*M, L, Da)
-            visual = visual.reshape(b, t, *visual.shape[1:]).to(torch.float16).cpu().numpy()
-            heard = heard.reshape(b, m, *heard.shape[1:]).to(torch.float16).cpu().numpy()
-            visual_all = np.zeros((size, *visual.shape[1:]), np.float16)
-            audio_all = np.zeros((size, *heard.shape[1:]), np.float16)
-            visual_all[ok], audio_all[ok] = visual, heard
-        else:  # an all-error batch: shapes are irrelevant, the rows go to the errors table
-            visual_all = np.zeros((size, 1, 1, 1), np.float16)
-            audio_all = np.zeros((size, 1, 1, 1), np.float16)
+            visual_all[ok] = visual.reshape(b, t, *visual.shape[1:]).to(torch.float16).cpu()
+            audio_all[ok] = heard.reshape(b, -1, *heard.shape[1:]).to(torch.float16).cpu()
         out = {k: v for k, v in batch.items() if k not in ("frames", "audio")}
         out.update(
             visual_features=visual_all,  # (B, T, 1+P, Dv) float16
