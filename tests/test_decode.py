@@ -189,3 +189,25 @@ def test_seeking_is_exact_in_every_container(tmp_path, container_format):
         index = np.searchsorted(full_times, target, side="right") - 1
         assert got_time == pytest.approx(full_times[index])
         np.testing.assert_array_equal(got, full[index][1])
+
+
+def test_audio_windows_decode_the_same_samples_as_one_pass(tmp_path):
+    """Long videos with short segments decode only the audio the segments keep (by seeking)."""
+    from damo.media.decode import _Deadline, audio_windows, cut_segments, read_audio
+
+    rate = 16000
+    t = np.arange(60 * rate) / rate
+    audio = (0.3 * np.sin(2 * np.pi * (200 + 20 * t) * t)).astype(np.float32)  # a chirp
+    path = tmp_path / "long.mp4"
+    path.write_bytes(encode_mp4([np.zeros((16, 16, 3), np.uint8)] * 240, 4, audio=audio))
+    clip = decode_clip(
+        str(path), num_frames=2, num_segments=8, image_size=16, max_segment_seconds=2.0
+    )
+    windows = audio_windows(clip.segment_bounds, rate, 2.0, clip.duration)
+    assert len(windows) == 8 and sum(e - s for s, e in windows) < 17
+    with av.open(str(path)) as container:
+        track = read_audio(container, clip.duration, rate, _Deadline(60))
+    expected = cut_segments(track, clip.segment_bounds, rate, 2.0)
+    assert clip.audio.shape == (8, 2 * rate)
+    np.testing.assert_allclose(clip.audio, expected, atol=1e-4)
+    assert np.sqrt((clip.audio**2).mean(axis=1)).min() > 0.15

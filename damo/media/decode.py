@@ -402,51 +402,101 @@ def normalize(frames: np.ndarray, mean, std) -> np.ndarray:
     return (frames.astype(np.float32) / 255.0 - mean) / std
 
 
+_AUDIO_PRE_ROLL_S = 0.25  # decoded before a window and dropped: AAC frames overlap their neighbours
+
+
 def read_audio(
     container: av.container.InputContainer,
     duration: float,
     sample_rate: int,
     deadline: _Deadline,
+    windows: list[tuple[float, float]] | None = None,
 ) -> np.ndarray | None:
-    """The whole audio track as mono float32 at `sample_rate`, aligned to t=0 of the video."""
+    """The audio track as mono float32 at `sample_rate`, aligned to t=0 of the video.
+
+    With `windows` ([start, end] seconds), only those spans are decoded (one seek each) and the
+    rest of the track stays silent; None decodes the whole track in one pass.
+    """
     if not container.streams.audio:
         return None
+    track = np.zeros(int(math.ceil(duration * sample_rate)), dtype=np.float32)
+    for start, end in windows if windows is not None else [(0.0, None)]:
+        _decode_audio_span(container, track, sample_rate, deadline, start, end)
+    return track
+
+
+def _decode_audio_span(container, track, sample_rate, deadline, start, end) -> None:
+    """Decode [start, end) seconds (end None: to the end) of the audio into `track`."""
     stream = container.streams.audio[0]
-    container.seek(0)
-    resampler = av.AudioResampler(format="flt", layout="mono", rate=sample_rate)
     video = container.streams.video[0]
     video_start = float((video.start_time or 0) * video.time_base)
+    seek_to = start - _AUDIO_PRE_ROLL_S
+    if seek_to > 0:
+        offset = int((seek_to + video_start) / float(stream.time_base))
+        container.seek(offset, stream=stream, backward=True)
+    else:
+        container.seek(0)
+    resampler = av.AudioResampler(format="flt", layout="mono", rate=sample_rate)
     chunks: list[np.ndarray] = []
-    offset = None
-    total = int(math.ceil(duration * sample_rate))
+    first = None
     try:
         for frame in container.decode(stream):
             deadline.check()
-            if offset is None and frame.pts is not None:
-                offset = int(round((frame.time - video_start) * sample_rate))
-            for out in resampler.resample(frame):
-                chunks.append(out.to_ndarray().reshape(-1))
-        for out in resampler.resample(None):
-            chunks.append(out.to_ndarray().reshape(-1))
+            if first is None:
+                if frame.pts is None:
+                    continue
+                first = int(round((frame.time - video_start) * sample_rate))
+            chunks.extend(out.to_ndarray().reshape(-1) for out in resampler.resample(frame))
+            if end is not None and frame.time - video_start > end:
+                break
+        chunks.extend(out.to_ndarray().reshape(-1) for out in resampler.resample(None))
     except av.error.FFmpegError as err:
-        raise MediaFailure(MediaReason.CORRUPT, f"audio decode error: {err}") from err
-    samples = np.concatenate(chunks) if chunks else np.zeros(0, np.float32)
-    offset = offset or 0
-    track = np.zeros(total, dtype=np.float32)
-    src_from, dst_from = max(0, -offset), max(0, offset)
-    n = max(0, min(total - dst_from, samples.size - src_from))
-    track[dst_from : dst_from + n] = samples[src_from : src_from + n]
-    return track
+        raise MediaFailure(
+            MediaReason.CORRUPT, f"audio decode error near {start:.2f} s: {err}"
+        ) from err
+    if first is None or not chunks:
+        return
+    samples = np.concatenate(chunks)
+    lo = max(0, int(round(start * sample_rate)), first)
+    hi = min(track.size, first + samples.size)
+    if end is not None:
+        hi = min(hi, int(round(end * sample_rate)))
+    if hi > lo:
+        track[lo:hi] = samples[lo - first : hi - first]
+
+
+def segment_samples(bounds: np.ndarray, sample_rate: int, max_seconds: float | None) -> int:
+    """Samples per audio segment: the longest segment, capped at `max_seconds`."""
+    length = int(math.ceil(((bounds[:, 1] - bounds[:, 0]) * sample_rate).max()))
+    if max_seconds is not None:
+        length = min(length, int(round(max_seconds * sample_rate)))
+    return length
+
+
+def audio_windows(
+    bounds: np.ndarray, sample_rate: int, max_seconds: float | None, duration: float
+) -> list[tuple[float, float]]:
+    """The spans of audio that `cut_segments` reads, merged where they touch."""
+    half = segment_samples(bounds, sample_rate, max_seconds) / sample_rate / 2
+    windows: list[tuple[float, float]] = []
+    for start, end in bounds:
+        centre = (start + end) / 2
+        lo, hi = (
+            max(0.0, centre - half - 1 / sample_rate),
+            min(duration, centre + half + 1 / sample_rate),
+        )
+        if windows and lo <= windows[-1][1]:
+            windows[-1] = (windows[-1][0], max(windows[-1][1], hi))
+        else:
+            windows.append((lo, hi))
+    return windows
 
 
 def cut_segments(
     track: np.ndarray, bounds: np.ndarray, sample_rate: int, max_seconds: float | None
 ) -> np.ndarray:
     """(M, L) equal-length segments; each centred on its bounds, zero-padded at the edges."""
-    widths = (bounds[:, 1] - bounds[:, 0]) * sample_rate
-    length = int(math.ceil(widths.max()))
-    if max_seconds is not None:
-        length = min(length, int(round(max_seconds * sample_rate)))
+    length = segment_samples(bounds, sample_rate, max_seconds)
     out = np.zeros((len(bounds), length), dtype=np.float32)
     for k, (start, end) in enumerate(bounds):
         centre = (start + end) / 2 * sample_rate
@@ -504,8 +554,13 @@ def decode_clip(
             timings["frames_s"] = time.perf_counter() - tick
             tick = time.perf_counter()
             bounds = segment_bounds(info.duration, num_segments)
+            windows = audio_windows(bounds, sample_rate, max_segment_seconds, info.duration)
+            if sum(end - start for start, end in windows) > info.duration / 2:
+                windows = None  # one pass over the track is cheaper than many seeks
             track = (
-                read_audio(container, info.duration, sample_rate, deadline) if with_audio else None
+                read_audio(container, info.duration, sample_rate, deadline, windows)
+                if with_audio
+                else None
             )
             has_audio = track is not None
             if track is None:
