@@ -112,6 +112,10 @@ def test_generate_world_on_s3_and_decode_it(s3_storage):
     train = tables["train"].to_pylist()
     assert {r["task"] for r in train} == {"caption", "qa", "grounding", "temporal_qa", "dialogue"}
     assert all(r["source"] == "synthetic" and r["video_uri"].startswith(root) for r in train)
+    from damo.data.synthetic import load_world_clips, load_world_records
+
+    assert load_world_records(root, s3_storage).num_rows == sum(summary.records.values())
+    assert load_world_clips(root, s3_storage) == [sample_clip(5, i) for i in range(20)]
     # a re-run keeps what exists
     assert generate_world(root, s3_storage, settings, workers=1, progress=False).rendered == 0
 

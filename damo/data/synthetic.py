@@ -24,11 +24,12 @@ from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass, field
 
 import numpy as np
+import pyarrow as pa
 from tqdm import tqdm
 
 from damo.config.data import SyntheticConfig
 from damo.config.schema import S3Config
-from damo.data.records import make_record, write_records
+from damo.data.records import make_record, read_records, write_records
 from damo.media.encode import encode_mp4
 from damo.media.storage import Storage, join
 
@@ -518,3 +519,22 @@ def generate_world(
     manifest = {"settings": settings.model_dump(), **summary.to_dict()}
     storage.write_bytes(join(root, "world.json"), json.dumps(manifest, indent=2).encode())
     return summary
+
+
+def load_world_records(
+    root: str, storage: Storage, splits: tuple[str, ...] = ("train", "val", "test")
+) -> pa.Table:
+    """The records of a generated world (all `splits` concatenated), as a pyarrow Table."""
+    return pa.concat_tables(
+        [read_records(join(root, "records", f"{split}.parquet"), storage) for split in splits]
+    )
+
+
+def load_world_clips(root: str, storage: Storage) -> list[ClipSpec]:
+    """The ground truth of a generated world: every clip with its events."""
+    clips = []
+    for line in storage.read_bytes(join(root, "clips.jsonl")).decode().splitlines():
+        row = json.loads(line)
+        row["events"] = tuple(Event(**event) for event in row["events"])
+        clips.append(ClipSpec(**row))
+    return clips
