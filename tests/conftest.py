@@ -57,3 +57,64 @@ def ray_cluster():
     )
     yield ray
     ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def tiny_backbones(tmp_path_factory) -> Path:
+    """The tiny HF backbones (`damo backbones make-tiny`), built once into a temp dir."""
+    import json
+
+    from damo.data.backbones import make_tiny_backbones
+
+    out = tmp_path_factory.mktemp("backbones") / "tiny"
+    timings = make_tiny_backbones(str(out), steps=200, num_clips=200, seed=0)
+    out.joinpath("timings.json").write_text(json.dumps(timings))
+    return out
+
+
+def tiny_config(backbones: Path, extra: tuple[str, ...] = ()):
+    """The tiny preset with its backbones at a local dir (and any extra overrides)."""
+    from damo.config import load_config
+
+    overrides = [
+        f"model.{name}.path={backbones / name}"
+        for name in ("vision", "audio", "text_encoder", "llm")
+    ]
+    overrides += [
+        "data.decode.num_frames=8",
+        "data.decode.num_segments=4",
+        "data.decode.image_size=32",
+    ]
+    return load_config("tiny", [*overrides, *extra])
+
+
+@pytest.fixture(scope="session")
+def tiny_world(tmp_path_factory) -> Path:
+    """A small synthetic world (12 clips of 6-12 s) on local disk."""
+    from damo.config.data import SyntheticConfig
+    from damo.data.synthetic import generate_world
+    from damo.media.storage import Storage
+
+    root = tmp_path_factory.mktemp("world")
+    settings = SyntheticConfig(num_clips=12, seed=3, min_duration_s=6.0, max_duration_s=12.0)
+    generate_world(str(root), Storage(), settings, workers=2, progress=False)
+    return root
+
+
+@pytest.fixture(scope="session")
+def tiny_features(tiny_world, tiny_backbones, ray_cluster) -> Path:
+    """The tiny world's features, extracted once with the tiny backbones."""
+    from damo.data.extract import extract_features, video_uris
+    from damo.media.storage import Storage
+
+    storage = Storage()
+    out = tiny_world / "features-run"
+    summary = extract_features(
+        video_uris(storage, str(tiny_world / "videos")),
+        str(out),
+        tiny_config(tiny_backbones),
+        batch_size=4,
+        storage=storage,
+    )
+    assert summary.errors == {}, summary
+    return out

@@ -5,30 +5,23 @@ from __future__ import annotations
 import numpy as np
 import pyarrow.dataset as pads
 import pytest
+from conftest import tiny_config
 
-from damo.config import load_config
 from damo.data.badmedia import build_media_corpus
 from damo.data.extract import ERRORS_DIR, FEATURES_DIR, extract_features
 from damo.media.storage import join
 
 
-def tiny_config(backbones, s3_server=None, extra=()):
-    overrides = [
-        f"model.{name}.path={backbones / name}"
-        for name in ("vision", "audio", "text_encoder", "llm")
-    ]
-    overrides += [
-        "data.decode.num_frames=8",
-        "data.decode.num_segments=4",
-        "data.decode.image_size=32",
-    ]
-    if s3_server is not None:
-        overrides += [
+def s3_tiny_config(backbones, s3_server, extra=()):
+    return tiny_config(
+        backbones,
+        (
             f"storage.s3.endpoint_url={s3_server.endpoint_url}",
             f"storage.s3.access_key_id={s3_server.access_key_id}",
             f"storage.s3.secret_access_key={s3_server.secret_access_key}",
-        ]
-    return load_config("tiny", [*overrides, *extra])
+            *extra,
+        ),
+    )
 
 
 def read_table(storage, uri):
@@ -46,7 +39,7 @@ def corpus(s3_storage):
 
 @pytest.fixture(scope="module")
 def first_run(corpus, s3_server, s3_storage, tiny_backbones, ray_cluster):
-    cfg = tiny_config(tiny_backbones, s3_server)
+    cfg = s3_tiny_config(tiny_backbones, s3_server)
     out = "s3://damo-extract-out/run"
     summary = extract_features(
         [item.uri for item in corpus], out, cfg, batch_size=3, storage=s3_storage
@@ -110,7 +103,7 @@ def test_a_second_run_does_no_work(corpus, first_run, s3_storage):
 
 def test_a_changed_config_redoes_the_work(first_run, corpus, s3_server, s3_storage, tiny_backbones):
     _, out, summary = first_run
-    cfg = tiny_config(tiny_backbones, s3_server, ["data.decode.num_frames=4"])
+    cfg = s3_tiny_config(tiny_backbones, s3_server, ["data.decode.num_frames=4"])
     good = [item.uri for item in corpus if not item.is_bad][:1]
     redo = extract_features(good, out, cfg, storage=s3_storage)
     assert redo.skipped == 0 and redo.ok == 1
