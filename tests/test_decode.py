@@ -211,3 +211,24 @@ def test_audio_windows_decode_the_same_samples_as_one_pass(tmp_path):
     assert clip.audio.shape == (8, 2 * rate)
     np.testing.assert_allclose(clip.audio, expected, atol=1e-4)
     assert np.sqrt((clip.audio**2).mean(axis=1)).min() > 0.15
+
+
+def test_header_cut_inside_the_index_is_truncated(tmp_path):
+    frames = [np.full((32, 32, 3), (i * 37) % 256, np.uint8) for i in range(160)]
+    data = encode_mp4(frames, 8, audio=np.zeros(20 * 16000, np.float32))
+    path = tmp_path / "cut.mp4"
+    path.write_bytes(data[: len(data) * 6 // 10])  # the index (moov, at the end) is half there
+    result = decode_clip(str(path), num_frames=4, image_size=16)
+    assert isinstance(result, MediaError) and result.reason is MediaReason.TRUNCATED
+
+
+def test_unexpected_errors_become_records(monkeypatch, bunny):
+    import damo.media.decode as decode
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("a bug or a surprise in a library")
+
+    monkeypatch.setattr(decode, "frame_to_array", broken)
+    result = decode_clip(bunny, num_frames=2, image_size=16)
+    assert isinstance(result, MediaError) and result.reason is MediaReason.DECODE
+    assert "RuntimeError" in result.message

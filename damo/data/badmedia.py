@@ -132,6 +132,9 @@ def build_media_corpus(root: str, storage: Storage, seed: int = 0) -> list[Corpu
     corrupt = bytearray(noise)
     third = len(corrupt) // 3
     corrupt[third : 2 * third] = rng.integers(0, 256, third, dtype=np.uint8).tobytes()
+    matroska = encode_mp4(
+        _moving_bar_frames(80), fps=8, audio=_tone(10.0), container_format="matroska"
+    )
     vfr_times = np.cumsum(np.r_[0.0, rng.uniform(0.05, 0.3, 39)])
 
     files: list[tuple[str, bytes, MediaReason | None]] = [
@@ -146,6 +149,8 @@ def build_media_corpus(root: str, storage: Storage, seed: int = 0) -> list[Corpu
         ("empty.mp4", b"", MediaReason.EMPTY),
         ("truncated.mp4", good[: len(good) * 6 // 10], MediaReason.TRUNCATED),
         ("truncated_faststart.mp4", faststart[: len(faststart) * 6 // 10], MediaReason.TRUNCATED),
+        # no index to check: the frames stop long before the duration the header promises
+        ("truncated_matroska.mkv", matroska[: len(matroska) // 2], MediaReason.TRUNCATED),
         ("not_a_video.mp4", b"this is a text file, not a video\n" * 64, MediaReason.NOT_MEDIA),
         ("audio_only.mp4", audio_only_mp4(), MediaReason.NO_VIDEO),
         ("corrupt_middle.mp4", bytes(corrupt), MediaReason.CORRUPT),
@@ -160,7 +165,7 @@ def build_media_corpus(root: str, storage: Storage, seed: int = 0) -> list[Corpu
     for name, data, expected in files:
         uri = join(root, name)
         storage.write_bytes(uri, data)
-        items.append(CorpusItem(name.removesuffix(".mp4"), uri, expected))
+        items.append(CorpusItem(os.path.splitext(name)[0], uri, expected))
     items.append(CorpusItem("missing", join(root, "missing.mp4"), MediaReason.NOT_FOUND))
 
     denied_root = join(root, "denied")

@@ -182,6 +182,12 @@ def _probe(container: av.container.InputContainer, size: int, max_w: int, max_h:
         raise MediaFailure(MediaReason.NO_VIDEO, f"no video stream (streams: {kinds})")
     video = container.streams.video[0]
     audio = container.streams.audio[0] if container.streams.audio else None
+    if video.codec_context is None:
+        raise MediaFailure(
+            MediaReason.TRUNCATED,
+            "the video stream has no codec parameters: the header is incomplete "
+            "(truncated or damaged)",
+        )
     width, height = video.codec_context.width, video.codec_context.height
     if width <= 0 or height <= 0:
         raise MediaFailure(MediaReason.CORRUPT, f"video stream has no size ({width}x{height})")
@@ -325,12 +331,14 @@ def sample_frames(
     container: av.container.InputContainer,
     targets: np.ndarray,
     deadline: _Deadline,
+    duration: float | None = None,
 ) -> tuple[list[av.VideoFrame], list[float]]:
     """The frame on screen at each target time (seconds), by seek + forward decode.
 
     A seek happens only when a keyframe lies between the last decoded frame and the target
     (or, without an index, when the target is more than 2 s ahead); otherwise decoding simply
-    continues, so targets inside one GOP share its decode.
+    continues, so targets inside one GOP share its decode. When the frames stop well before the
+    `duration` the header promises, the file was cut short (containers without an index).
     """
     video = container.streams.video[0]
     start = float((video.start_time or 0) * video.time_base)
@@ -357,6 +365,7 @@ def sample_frames(
             if lookahead is None:
                 lookahead = _next_frame(decoder, start, target, deadline)
                 if lookahead is None:
+                    _check_not_cut_short(previous, target, duration)
                     break  # end of stream: the last frame stays on screen
             if lookahead[1] > target + _EPSILON:
                 break
@@ -371,6 +380,16 @@ def sample_frames(
         frames.append(previous[0])
         times.append(previous[1])
     return frames, times
+
+
+def _check_not_cut_short(last, target: float, duration: float | None) -> None:
+    if last is None or duration is None:
+        return
+    if target - last[1] > max(2.0, 0.1 * duration):
+        raise MediaFailure(
+            MediaReason.TRUNCATED,
+            f"the frames end at {last[1]:.2f} s but the header says {duration:.2f} s (truncated)",
+        )
 
 
 def frame_to_array(
@@ -545,7 +564,7 @@ def decode_clip(
             info = _probe(container, size, max_width, max_height)
             tick = time.perf_counter()
             targets = uniform_times(info.duration, num_frames)
-            frames, times = sample_frames(container, targets, deadline)
+            frames, times = sample_frames(container, targets, deadline, info.duration)
             arrays = np.stack(
                 [frame_to_array(f, info.rotation, image_size, resize_mode) for f in frames]
             )
@@ -571,6 +590,8 @@ def decode_clip(
         return MediaError(uri, err.reason, err.message)
     except av.error.FFmpegError as err:
         return MediaError(uri, MediaReason.DECODE, f"{type(err).__name__}: {err}")
+    except Exception as err:  # bad media must never crash a job: record what happened instead
+        return MediaError(uri, MediaReason.DECODE, f"unexpected {type(err).__name__}: {err}")
     return DecodedClip(
         uri=uri,
         probe=info,
