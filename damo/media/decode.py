@@ -98,7 +98,7 @@ class ProbeInfo:
 class DecodedClip:
     """What the encoders need from one video; every array is numpy.
 
-    frames: (N, 3, S, S) uint8 RGB, or float32 normalised when decoded with `normalize=True`.
+    frames: (N, 3, S, S) uint8 RGB, or float32 normalised with `normalize_frames=True`.
     frame_times: (N,) float64 seconds, presentation times of the frames returned.
     audio: (M, L) float32 mono at `sample_rate`; segment k is centred on its bounds' centre.
     segment_bounds: (M, 2) float64 seconds [start, end); together they cover [0, duration].
@@ -182,6 +182,8 @@ def _probe(container: av.container.InputContainer, size: int, max_w: int, max_h:
         raise MediaFailure(MediaReason.NO_VIDEO, f"no video stream (streams: {kinds})")
     video = container.streams.video[0]
     audio = container.streams.audio[0] if container.streams.audio else None
+    if audio is not None and audio.codec_context is None:
+        audio = None  # an audio track we cannot decode counts as none; the video still can be
     if video.codec_context is None:
         raise MediaFailure(
             MediaReason.TRUNCATED,
@@ -219,10 +221,14 @@ def _probe(container: av.container.InputContainer, size: int, max_w: int, max_h:
         audio_sample_rate=audio.codec_context.sample_rate if audio else None,
         audio_channels=audio.codec_context.channels if audio else None,
         num_frames=video.frames or None,
-        streams=tuple(f"{s.type}:{s.codec_context.name}" for s in container.streams),
+        streams=tuple(f"{s.type}:{_codec_name(s)}" for s in container.streams),
         container=container.format.name,
         size_bytes=size,
     )
+
+
+def _codec_name(stream) -> str:
+    return stream.codec_context.name if stream.codec_context is not None else "unknown"
 
 
 def _check_index_fits(container, video, size: int) -> None:
@@ -255,6 +261,8 @@ def probe(uri: str, storage: Storage | None = None) -> ProbeInfo | MediaError:
             return _probe(container, size, 1 << 30, 1 << 30)
     except MediaFailure as err:
         return MediaError(uri, err.reason, err.message)
+    except Exception as err:  # never crash on bad media
+        return MediaError(uri, MediaReason.DECODE, f"unexpected {type(err).__name__}: {err}")
 
 
 # ---- sampling ------------------------------------------------------------------------------
@@ -578,7 +586,7 @@ def decode_clip(
                 windows = None  # one pass over the track is cheaper than many seeks
             track = (
                 read_audio(container, info.duration, sample_rate, deadline, windows)
-                if with_audio
+                if with_audio and info.has_audio
                 else None
             )
             has_audio = track is not None
