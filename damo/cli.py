@@ -300,7 +300,7 @@ def backbones_make_tiny(
 
 
 # ---- data -----------------------------------------------------------------------------------
-data_app = typer.Typer(help="Datasets: the synthetic audio-visual world.", no_args_is_help=True)
+data_app = typer.Typer(help="Datasets: the synthetic AV world, media checks.", no_args_is_help=True)
 app.add_typer(data_app, name="data")
 
 
@@ -331,3 +331,24 @@ def data_synth(
         f"world of {summary.num_clips} clips at {escape(out)} ({summary.rendered} rendered, "
         f"{summary.seconds:.1f}s); records: {records}"
     )
+
+
+@data_app.command("probe")
+@friendly_errors
+def data_probe(
+    uri: Annotated[str, typer.Argument(help="Video URI or path.")],
+    config: ConfigName = None,
+    overrides: Overrides = None,
+) -> None:
+    """Say what a video is (duration, size, rotation, streams) or why it cannot be decoded."""
+    import json
+
+    from damo.media.decode import MediaError, probe
+    from damo.media.storage import Storage
+
+    cfg = load_config(config, overrides or [])
+    info = probe(uri, Storage(cfg.storage.s3))
+    if isinstance(info, MediaError):
+        err_console.print(f"[bold red]{info.reason}:[/] {escape(info.message)}", highlight=False)
+        raise typer.Exit(code=1)
+    typer.echo(json.dumps(info.to_dict(), indent=2))

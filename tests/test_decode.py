@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import av
 import numpy as np
 import pytest
@@ -232,3 +234,16 @@ def test_unexpected_errors_become_records(monkeypatch, bunny):
     result = decode_clip(bunny, num_frames=2, image_size=16)
     assert isinstance(result, MediaError) and result.reason is MediaReason.DECODE
     assert "RuntimeError" in result.message
+
+
+def test_cli_data_probe(bunny, tmp_path):
+    from typer.testing import CliRunner
+
+    from damo.cli import app
+
+    result = CliRunner().invoke(app, ["data", "probe", bunny])
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.output)["duration"] == pytest.approx(5.31, abs=0.05)
+    (tmp_path / "x.mp4").write_text("not a video")
+    result = CliRunner().invoke(app, ["data", "probe", str(tmp_path / "x.mp4")])
+    assert result.exit_code == 1 and "not_media" in result.output
