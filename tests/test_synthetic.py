@@ -158,3 +158,18 @@ def test_cli_data_synth(tmp_path):
     assert sorted(p.name for p in (out / "videos").iterdir()) == [
         f"syn2-{i:05d}.mp4" for i in range(3)
     ]
+
+
+def test_a_large_world_has_consistent_records_without_rendering():
+    from damo.data.synthetic import world_records
+
+    specs = [sample_clip(11, i) for i in range(1000)]
+    records = world_records("s3://bucket/world", specs)
+    assert len({r["id"] for r in records}) == len(records)
+    splits = {
+        s: {r["video_id"] for r in records if r["split"] == s} for s in ("train", "val", "test")
+    }
+    assert [len(splits[s]) for s in ("train", "val", "test")] == [800, 100, 100]
+    # every colour, shape and sound is asked about, so a model sees all of them
+    queries = " ".join(r["query"] for r in records)
+    assert all(word in queries for word in [*COLOURS, *SOUNDS, "triangle", "cross"])
