@@ -247,3 +247,25 @@ def test_cli_data_probe(bunny, tmp_path):
     (tmp_path / "x.mp4").write_text("not a video")
     result = CliRunner().invoke(app, ["data", "probe", str(tmp_path / "x.mp4")])
     assert result.exit_code == 1 and "not_media" in result.output
+
+
+def test_large_remote_objects_are_read_by_ranges(s3_storage, bunny):
+    uri = "s3://damo-test/decode-test/bunny.mp4"
+    s3_storage.upload_file(bunny, uri)
+    local = decode_clip(bunny, num_frames=6, num_segments=3, image_size=32)
+    downloaded = decode_clip(
+        uri, s3_storage, num_frames=6, num_segments=3, image_size=32, stream_min_mb=None
+    )
+    streamed = decode_clip(
+        uri, s3_storage, num_frames=6, num_segments=3, image_size=32, stream_min_mb=0
+    )
+    for clip in (downloaded, streamed):
+        assert isinstance(clip, DecodedClip), clip
+        np.testing.assert_array_equal(clip.frames, local.frames)
+        np.testing.assert_array_equal(clip.frame_times, local.frame_times)
+        np.testing.assert_array_equal(clip.audio, local.audio)
+    missing = decode_clip("s3://damo-test/decode-test/none.mp4", s3_storage, stream_min_mb=0)
+    assert isinstance(missing, MediaError) and missing.reason is MediaReason.NOT_FOUND
+    s3_storage.write_bytes("s3://damo-test/decode-test/empty.mp4", b"")
+    empty = decode_clip("s3://damo-test/decode-test/empty.mp4", s3_storage, stream_min_mb=0)
+    assert isinstance(empty, MediaError) and empty.reason is MediaReason.EMPTY

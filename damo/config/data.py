@@ -35,6 +35,11 @@ class DecodeConfig(Section):
     max_width: int = Field(default=7680, ge=16, description="Wider videos are rejected (8K).")
     max_height: int = Field(default=7680, ge=16, description="Taller videos are rejected.")
     threads: int = Field(default=1, ge=0, description="Decoder threads per file; 0 = auto.")
+    stream_min_mb: float | None = Field(
+        default=64.0,
+        ge=0,
+        description="Remote videos this big are read by byte ranges, not downloaded; None: never.",
+    )
 
 
 class SyntheticConfig(Section):

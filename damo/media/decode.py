@@ -16,6 +16,7 @@ Nothing here raises for bad input: `decode_clip` returns a `MediaError` with a m
 from __future__ import annotations
 
 import bisect
+import contextlib
 import enum
 import io
 import math
@@ -145,8 +146,47 @@ def _looks_like_container(head: bytes) -> bool:
     return any(head[offset : offset + len(magic)] == magic for offset, magic in _CONTAINER_MAGIC)
 
 
-def _read_source(uri: str, storage: Storage | None) -> tuple[Any, int, bytes]:
-    """(something av.open accepts, size in bytes, first bytes). Local files are not copied."""
+class _RangeFile(io.RawIOBase):
+    """A seekable, read-only view of a remote object; each read is one ranged GET.
+
+    Wrapped in a large `io.BufferedReader`, it lets PyAV seek inside a big S3 object and fetch
+    only the parts it decodes instead of downloading the whole object.
+    """
+
+    def __init__(self, native_file):
+        self._file = native_file
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def readinto(self, buffer) -> int:
+        data = self._file.read(len(buffer))
+        buffer[: len(data)] = data
+        return len(data)
+
+    def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
+        return self._file.seek(offset, whence)
+
+    def tell(self) -> int:
+        return self._file.tell()
+
+    def close(self) -> None:
+        if not self.closed:
+            self._file.close()
+        super().close()
+
+
+def _read_source(
+    uri: str, storage: Storage | None, stream_min_bytes: int | None = None
+) -> tuple[Any, int, bytes]:
+    """(something av.open accepts, size in bytes, first bytes).
+
+    Local files are opened in place. Remote objects are downloaded, unless they are at least
+    `stream_min_bytes` long: then they are read by ranges, only where the decoder looks.
+    """
     storage = storage or Storage()
     try:
         loc = parse_uri(uri)
@@ -154,11 +194,22 @@ def _read_source(uri: str, storage: Storage | None) -> tuple[Any, int, bytes]:
             size = storage.stat(uri)["size"]
             head = storage.read_bytes(uri, 0, 16) if size else b""
             return loc.path, size, head
+        if stream_min_bytes is not None:
+            size = storage.stat(uri)["size"]
+            if size >= stream_min_bytes and size > 0:
+                fs, path = storage.pyarrow_filesystem(uri)
+                reader = io.BufferedReader(_RangeFile(fs.open_input_file(path)), 1 << 20)
+                return reader, size, reader.peek(16)[:16]
         data = storage.read_bytes(uri)
         return io.BytesIO(data), len(data), data[:16]
     except StorageError as err:
         reason = _STORAGE_REASONS.get(err.reason, MediaReason.STORAGE)
         raise MediaFailure(reason, f"cannot read {uri}: {err.reason.value}: {err.detail}") from err
+
+
+def _closing(source):
+    """Close a file object source afterwards; a path needs nothing."""
+    return contextlib.closing(source) if hasattr(source, "close") else contextlib.nullcontext()
 
 
 def _open(source: Any, size: int, head: bytes) -> av.container.InputContainer:
@@ -257,7 +308,7 @@ def probe(uri: str, storage: Storage | None = None) -> ProbeInfo | MediaError:
     """Duration, fps, size, rotation and streams of one video, or why it cannot be read."""
     try:
         source, size, head = _read_source(uri, storage)
-        with _open(source, size, head) as container:
+        with _closing(source), _open(source, size, head) as container:
             return _probe(container, size, 1 << 30, 1 << 30)
     except MediaFailure as err:
         return MediaError(uri, err.reason, err.message)
@@ -552,19 +603,22 @@ def decode_clip(
     max_height: int = 7680,
     threads: int = 1,
     with_audio: bool = True,
+    stream_min_mb: float | None = 64.0,
 ) -> DecodedClip | MediaError:
     """Decode one video for the encoders; never raises for bad input (returns a MediaError).
 
     The time limit is checked between packets, so a file that is slow to decode stops soon
-    after the limit; it cannot interrupt a single blocking read.
+    after the limit; it cannot interrupt a single blocking read. Remote objects of at least
+    `stream_min_mb` are read by byte ranges where the decoder seeks (None: always download).
     """
     deadline = _Deadline(time_limit_s)
     timings: dict[str, float] = {}
     tick = time.perf_counter()
     try:
-        source, size, head = _read_source(uri, storage)
+        stream_min_bytes = None if stream_min_mb is None else int(stream_min_mb * (1 << 20))
+        source, size, head = _read_source(uri, storage, stream_min_bytes)
         timings["read_s"] = time.perf_counter() - tick
-        with _open(source, size, head) as container:
+        with _closing(source), _open(source, size, head) as container:
             if container.streams.video and threads != 1:
                 # must be set before the first decode opens the codec
                 container.streams.video[0].thread_type = "AUTO"
