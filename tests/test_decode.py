@@ -193,26 +193,28 @@ def test_seeking_is_exact_in_every_container(tmp_path, container_format):
         np.testing.assert_array_equal(got, full[index][1])
 
 
-def test_audio_windows_decode_the_same_samples_as_one_pass(tmp_path):
+def test_audio_windows_decode_the_same_samples_as_one_pass(tmp_path, monkeypatch):
     """Long videos with short segments decode only the audio the segments keep (by seeking)."""
-    from damo.media.decode import _Deadline, audio_windows, cut_segments, read_audio
+    import damo.media.decode as decode
 
     rate = 16000
     t = np.arange(60 * rate) / rate
     audio = (0.3 * np.sin(2 * np.pi * (200 + 20 * t) * t)).astype(np.float32)  # a chirp
     path = tmp_path / "long.mp4"
     path.write_bytes(encode_mp4([np.zeros((16, 16, 3), np.uint8)] * 240, 4, audio=audio))
-    clip = decode_clip(
-        str(path), num_frames=2, num_segments=8, image_size=16, max_segment_seconds=2.0
-    )
-    windows = audio_windows(clip.segment_bounds, rate, 2.0, clip.duration)
-    assert len(windows) == 8 and sum(e - s for s, e in windows) < 17
+    options = dict(num_frames=2, num_segments=8, image_size=16, max_segment_seconds=2.0)
+    full_tracks = []
+    monkeypatch.setattr(decode, "read_audio", lambda *a: full_tracks.append(a))  # must not run
+    windowed = decode_clip(str(path), **options)
+    assert not full_tracks
+    assert windowed.audio.shape == (8, 2 * rate)
+    # the one-pass reference: the whole track, then cut
+    monkeypatch.undo()
     with av.open(str(path)) as container:
-        track = read_audio(container, clip.duration, rate, _Deadline(60))
-    expected = cut_segments(track, clip.segment_bounds, rate, 2.0)
-    assert clip.audio.shape == (8, 2 * rate)
-    np.testing.assert_allclose(clip.audio, expected, atol=1e-4)
-    assert np.sqrt((clip.audio**2).mean(axis=1)).min() > 0.15
+        track = decode.read_audio(container, windowed.duration, rate, decode._Deadline(60))
+    expected = decode.cut_segments(track, windowed.segment_bounds, rate, 2.0)
+    np.testing.assert_allclose(windowed.audio, expected, atol=1e-4)
+    assert np.sqrt((windowed.audio**2).mean(axis=1)).min() > 0.15
 
 
 def test_header_cut_inside_the_index_is_truncated(tmp_path):

@@ -488,23 +488,18 @@ def read_audio(
     duration: float,
     sample_rate: int,
     deadline: _Deadline,
-    windows: list[tuple[float, float]] | None = None,
 ) -> np.ndarray | None:
-    """The audio track as mono float32 at `sample_rate`, aligned to t=0 of the video.
-
-    With `windows` ([start, end] seconds), only those spans are decoded (one seek each) and the
-    rest of the track stays silent; None decodes the whole track in one pass.
-    """
+    """The whole audio track as mono float32 at `sample_rate`, aligned to t=0 of the video."""
     if not container.streams.audio:
         return None
     track = np.zeros(int(math.ceil(duration * sample_rate)), dtype=np.float32)
-    for start, end in windows if windows is not None else [(0.0, None)]:
-        _decode_audio_span(container, track, sample_rate, deadline, start, end)
+    _decode_audio_span(container, track, 0, sample_rate, deadline, 0.0, None)
     return track
 
 
-def _decode_audio_span(container, track, sample_rate, deadline, start, end) -> None:
-    """Decode [start, end) seconds (end None: to the end) of the audio into `track`."""
+def _decode_audio_span(container, target, origin, sample_rate, deadline, start, end) -> None:
+    """Decode [start, end) seconds (end None: to the end) into `target`, whose item i is the sample
+    at `origin + i` of the track (t=0 of the video is sample 0)."""
     stream = container.streams.audio[0]
     video = container.streams.video[0]
     video_start = float((video.start_time or 0) * video.time_base)
@@ -524,10 +519,10 @@ def _decode_audio_span(container, track, sample_rate, deadline, start, end) -> N
                 if frame.pts is None:
                     continue
                 first = int(round((frame.time - video_start) * sample_rate))
-            chunks.extend(out.to_ndarray().reshape(-1) for out in resampler.resample(frame))
+            chunks.extend(piece.to_ndarray().reshape(-1) for piece in resampler.resample(frame))
             if end is not None and frame.time - video_start > end:
                 break
-        chunks.extend(out.to_ndarray().reshape(-1) for out in resampler.resample(None))
+        chunks.extend(piece.to_ndarray().reshape(-1) for piece in resampler.resample(None))
     except av.error.FFmpegError as err:
         raise MediaFailure(
             MediaReason.CORRUPT, f"audio decode error near {start:.2f} s: {err}"
@@ -535,12 +530,12 @@ def _decode_audio_span(container, track, sample_rate, deadline, start, end) -> N
     if first is None or not chunks:
         return
     samples = np.concatenate(chunks)
-    lo = max(0, int(round(start * sample_rate)), first)
-    hi = min(track.size, first + samples.size)
+    lo = max(origin, int(round(start * sample_rate)), first)
+    hi = min(origin + target.size, first + samples.size)
     if end is not None:
         hi = min(hi, int(round(end * sample_rate)))
     if hi > lo:
-        track[lo:hi] = samples[lo - first : hi - first]
+        target[lo - origin : hi - origin] = samples[lo - first : hi - first]
 
 
 def segment_samples(bounds: np.ndarray, sample_rate: int, max_seconds: float | None) -> int:
@@ -551,23 +546,9 @@ def segment_samples(bounds: np.ndarray, sample_rate: int, max_seconds: float | N
     return length
 
 
-def audio_windows(
-    bounds: np.ndarray, sample_rate: int, max_seconds: float | None, duration: float
-) -> list[tuple[float, float]]:
-    """The spans of audio that `cut_segments` reads, merged where they touch."""
-    half = segment_samples(bounds, sample_rate, max_seconds) / sample_rate / 2
-    windows: list[tuple[float, float]] = []
-    for start, end in bounds:
-        centre = (start + end) / 2
-        lo, hi = (
-            max(0.0, centre - half - 1 / sample_rate),
-            min(duration, centre + half + 1 / sample_rate),
-        )
-        if windows and lo <= windows[-1][1]:
-            windows[-1] = (windows[-1][0], max(windows[-1][1], hi))
-        else:
-            windows.append((lo, hi))
-    return windows
+def _segment_starts(bounds: np.ndarray, sample_rate: int, length: int) -> list[int]:
+    """First sample of each segment: `length` samples centred on the segment's bounds."""
+    return [int(round((start + end) / 2 * sample_rate - length / 2)) for start, end in bounds]
 
 
 def cut_segments(
@@ -576,12 +557,43 @@ def cut_segments(
     """(M, L) equal-length segments; each centred on its bounds, zero-padded at the edges."""
     length = segment_samples(bounds, sample_rate, max_seconds)
     out = np.zeros((len(bounds), length), dtype=np.float32)
-    for k, (start, end) in enumerate(bounds):
-        centre = (start + end) / 2 * sample_rate
-        first = int(round(centre - length / 2))
+    for k, first in enumerate(_segment_starts(bounds, sample_rate, length)):
         lo, hi = max(0, first), min(track.size, first + length)
         if hi > lo:
             out[k, lo - first : hi - first] = track[lo:hi]
+    return out
+
+
+def audio_segments(
+    container: av.container.InputContainer,
+    duration: float,
+    bounds: np.ndarray,
+    sample_rate: int,
+    max_seconds: float | None,
+    deadline: _Deadline,
+) -> np.ndarray | None:
+    """The (M, L) audio segments, or None without an audio track.
+
+    When the segments keep less than half of the track (long videos, capped segments), only
+    their spans are decoded, one seek each, and the whole track is never held in memory;
+    otherwise one pass decodes the track. Both give the same samples.
+    """
+    if not container.streams.audio:
+        return None
+    length = segment_samples(bounds, sample_rate, max_seconds)
+    if len(bounds) * length > duration * sample_rate / 2:
+        return cut_segments(
+            read_audio(container, duration, sample_rate, deadline), bounds, sample_rate, max_seconds
+        )
+    total = int(math.ceil(duration * sample_rate))
+    out = np.zeros((len(bounds), length), dtype=np.float32)
+    for k, first in enumerate(_segment_starts(bounds, sample_rate, length)):
+        start, end = max(0, first), min(total, first + length)
+        if end > start:
+            _decode_audio_span(
+                container, out[k], first, sample_rate, deadline,
+                start / sample_rate, end / sample_rate,
+            )  # fmt: skip
     return out
 
 
@@ -635,18 +647,17 @@ def decode_clip(
             timings["frames_s"] = time.perf_counter() - tick
             tick = time.perf_counter()
             bounds = segment_bounds(info.duration, num_segments)
-            windows = audio_windows(bounds, sample_rate, max_segment_seconds, info.duration)
-            if sum(end - start for start, end in windows) > info.duration / 2:
-                windows = None  # one pass over the track is cheaper than many seeks
-            track = (
-                read_audio(container, info.duration, sample_rate, deadline, windows)
+            audio = (
+                audio_segments(
+                    container, info.duration, bounds, sample_rate, max_segment_seconds, deadline
+                )
                 if with_audio and info.has_audio
                 else None
             )
-            has_audio = track is not None
-            if track is None:
-                track = np.zeros(int(math.ceil(info.duration * sample_rate)), np.float32)
-            audio = cut_segments(track, bounds, sample_rate, max_segment_seconds)
+            has_audio = audio is not None
+            if audio is None:
+                length = segment_samples(bounds, sample_rate, max_segment_seconds)
+                audio = np.zeros((num_segments, length), np.float32)
             timings["audio_s"] = time.perf_counter() - tick
     except MediaFailure as err:
         return MediaError(uri, err.reason, err.message)
