@@ -65,6 +65,7 @@ class RayConfig(Section):
 
 from damo.config.data import DataConfig  # noqa: E402  (data.py builds on Section above)
 from damo.config.model import ModelConfig  # noqa: E402  (model.py builds on Section above)
+from damo.config.train import TrainConfig  # noqa: E402  (train.py builds on Section above)
 
 
 class DamoConfig(Section):
@@ -76,3 +77,4 @@ class DamoConfig(Section):
     ray: RayConfig = RayConfig()
     data: DataConfig = DataConfig()
     model: ModelConfig = ModelConfig()
+    train: TrainConfig = TrainConfig()

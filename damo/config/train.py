@@ -1,0 +1,110 @@
+"""Config sections for training: the data a run reads, each stage's recipe, and scaling.
+
+What a stage *trains* (objective, trainable components) lives in `model.stages`; how it is
+trained (tasks, optimiser, schedule, epochs, batch) lives here. `damo.train.stages` joins them
+into one `StageSpec` per stage.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field
+
+from damo.config.schema import Section
+
+Task = Literal["caption", "qa", "grounding", "temporal_qa", "dialogue"]
+
+
+class OptimizerConfig(Section):
+    """AdamW; the paper uses lr 1e-4 and weight decay 0.02 in every stage."""
+
+    lr: float = Field(default=1e-4, gt=0)
+    weight_decay: float = Field(default=0.02, ge=0)
+    betas: tuple[float, float] = (0.9, 0.999)
+    grad_clip: float | None = Field(default=1.0, gt=0, description="Max grad norm; None: off.")
+
+
+class ScheduleConfig(Section):
+    """Linear warm-up, then cosine decay to `min_lr_ratio` x lr."""
+
+    warmup_ratio: float = Field(default=0.05, ge=0, lt=1)
+    min_lr_ratio: float = Field(default=0.1, ge=0, le=1)
+
+
+class StageTrainConfig(Section):
+    tasks: list[Task]
+    epochs: int = Field(default=1, ge=1)
+    batch_size: int = Field(default=8, ge=1, description="Per worker.")
+    grad_accum: int = Field(default=1, ge=1, description="Micro-batches per optimiser step.")
+    max_steps: int | None = Field(
+        default=None, ge=1, description="Stop after this many optimiser steps (None: epochs)."
+    )
+    optimizer: OptimizerConfig = OptimizerConfig()
+    schedule: ScheduleConfig = ScheduleConfig()
+    log_every: int = Field(default=10, ge=1, description="Optimiser steps between log lines.")
+    checkpoint_every: int | None = Field(
+        default=None, ge=1, description="Optimiser steps between checkpoints (and epoch ends)."
+    )
+
+
+# Paper (DESIGN §4): epochs 4 / ? / 2 / 2, batch 40 / 8 / 8 / 8.
+class Stage1TrainConfig(StageTrainConfig):
+    tasks: list[Task] = ["caption"]
+    epochs: int = Field(default=4, ge=1)
+    batch_size: int = Field(default=40, ge=1)
+
+
+class Stage2TrainConfig(StageTrainConfig):
+    tasks: list[Task] = ["caption", "qa"]
+    epochs: int = Field(default=1, ge=1, description="(default) the paper does not say.")
+
+
+class Stage3TrainConfig(StageTrainConfig):
+    tasks: list[Task] = ["grounding", "temporal_qa", "qa"]
+    epochs: int = Field(default=2, ge=1)
+
+
+class Stage4TrainConfig(StageTrainConfig):
+    tasks: list[Task] = ["dialogue"]
+    epochs: int = Field(default=2, ge=1)
+
+
+class StagesTrainConfig(Section):
+    stage1: Stage1TrainConfig = Stage1TrainConfig()
+    stage2: Stage2TrainConfig = Stage2TrainConfig()
+    stage3: Stage3TrainConfig = Stage3TrainConfig()
+    stage4: Stage4TrainConfig = Stage4TrainConfig()
+
+    def get(self, stage: int) -> StageTrainConfig:
+        if stage not in (1, 2, 3, 4):
+            raise ValueError(f"stage must be 1, 2, 3 or 4, got {stage!r}")
+        return getattr(self, f"stage{stage}")
+
+
+class ScalingConfig(Section):
+    """Ray Train's ScalingConfig. On a 2-CPU machine give 2 workers 0.5 CPU each, or Ray
+    Data ingest starves (RAY_NOTES)."""
+
+    num_workers: int = Field(default=1, ge=1)
+    use_gpu: bool = False
+    cpus_per_worker: float = Field(default=1.0, gt=0)
+    gpus_per_worker: float = Field(default=1.0, ge=0, description="Used when use_gpu.")
+    max_failures: int = Field(default=2, ge=0, description="Worker-group restarts per stage.")
+
+
+class TrainDataConfig(Section):
+    features: str = Field(default="s3://damo/features", description="`damo extract` output.")
+    records: str = Field(
+        default="s3://damo/world/records", description="Prefix holding <split>.parquet records."
+    )
+    train_split: str = "train"
+    val_split: str = "val"
+
+
+class TrainConfig(Section):
+    runs_root: str = Field(default="s3://damo/runs", description="Manifests, checkpoints, logs.")
+    data: TrainDataConfig = TrainDataConfig()
+    stages: StagesTrainConfig = StagesTrainConfig()
+    scaling: ScalingConfig = ScalingConfig()
+    shuffle_buffer: int = Field(default=256, ge=0, description="Local shuffle; 0: off.")

@@ -1,0 +1,1 @@
+"""DaMO's four training stages as chained Ray Train TorchTrainer runs."""

@@ -1,0 +1,253 @@
+"""The Ray Train `train_loop_per_worker` for one stage, and its checkpoints.
+
+A Ray checkpoint directory holds
+  model/           a DaMO checkpoint (damo.model.checkpoint: safetensors + PEFT adapter + JSON)
+  train_state.pt   optimiser, scheduler and position, for resuming (tensors and numbers only:
+                   read back with `torch.load(weights_only=True)`, never unpickled)
+Every rank calls `ray.train.report` the same number of times (it is a barrier): the shards are
+split equally, so all ranks see the same number of batches.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import tempfile
+import time
+from contextlib import nullcontext
+from pathlib import Path
+
+import torch
+
+from damo.config import DamoConfig
+from damo.data.training import StageCollator
+from damo.media.storage import Storage, join
+from damo.model.checkpoint import load_weights, save_checkpoint
+from damo.model.damo import DamoModel
+from damo.train.stages import StageSpec, stage_spec
+
+MODEL_DIR = "model"
+TRAIN_STATE = "train_state.pt"
+
+
+def warmup_cosine(total_steps: int, warmup_ratio: float, min_lr_ratio: float):
+    """LR multiplier per optimiser step: linear warm-up, then cosine down to min_lr_ratio."""
+    warmup = max(1, round(total_steps * warmup_ratio)) if warmup_ratio > 0 else 0
+
+    def multiplier(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        progress = min(1.0, (step - warmup) / max(1, total_steps - warmup))
+        return min_lr_ratio + (1 - min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+    return multiplier
+
+
+def optimizer_steps(rows: int, workers: int, spec: StageSpec) -> tuple[int, int]:
+    """(batches per epoch per worker, optimiser steps in the whole stage)."""
+    batches = math.ceil((rows // workers) / spec.batch_size)
+    per_epoch = math.ceil(batches / spec.grad_accum)
+    total = per_epoch * spec.epochs
+    return batches, min(total, spec.max_steps) if spec.max_steps else total
+
+
+def save_train_checkpoint(
+    model, optimizer, scheduler, position: dict, directory: Path, stage: int
+) -> None:
+    save_checkpoint(model, directory / MODEL_DIR, stage=stage, extra=position)
+    torch.save(
+        {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), **position},
+        directory / TRAIN_STATE,
+    )
+
+
+class StageLogger:
+    """Rank 0's record of a stage: metrics JSONL and TensorBoard events in the run directory."""
+
+    def __init__(self, storage: Storage, run_uri: str, stage: int, enabled: bool):
+        self.enabled = enabled
+        self.storage = storage
+        self.metrics_uri = join(run_uri, "metrics", f"stage{stage}.jsonl")
+        self.tensorboard_uri = join(run_uri, "tensorboard", f"stage{stage}")
+        self.rows: list[dict] = []
+        self.writer = None
+        if enabled:
+            from torch.utils.tensorboard import SummaryWriter
+
+            if storage.exists(self.metrics_uri):  # a resumed stage continues its history
+                text = storage.read_bytes(self.metrics_uri).decode()
+                self.rows = [json.loads(line) for line in text.splitlines() if line]
+            self.local_tb = tempfile.mkdtemp(prefix="damo-tb-")
+            self.writer = SummaryWriter(self.local_tb)
+
+    def log(self, row: dict) -> None:
+        if not self.enabled:
+            return
+        self.rows.append(row)
+        for key, value in row.items():
+            if isinstance(value, float):
+                self.writer.add_scalar(key, value, row["step"])
+
+    def flush(self) -> None:
+        if not self.enabled:
+            return
+        self.writer.flush()
+        text = "".join(json.dumps(row) + "\n" for row in self.rows)
+        self.storage.write_bytes(self.metrics_uri, text.encode())
+        self.storage.put_dir(self.local_tb, self.tensorboard_uri)
+
+
+def train_loop_per_worker(config: dict) -> None:
+    import ray.train
+    import ray.train.torch
+    from ray.train import Checkpoint
+
+    cfg = DamoConfig.model_validate(config["cfg"])
+    stage = int(config["stage"])
+    spec = stage_spec(cfg, stage)
+    storage = Storage(cfg.storage.s3)
+    context = ray.train.get_context()
+    rank, world = context.get_world_rank(), context.get_world_size()
+    device = ray.train.torch.get_device()
+    torch.manual_seed(cfg.seed)
+
+    model = DamoModel.from_config(cfg.model, resolve=storage.fetch_dir)
+    if config.get("init_checkpoint"):
+        load_weights(model, storage.fetch_dir(config["init_checkpoint"]) / MODEL_DIR)
+    params = model.set_stage(stage)
+    model.to(device)
+    optimizer = torch.optim.AdamW(
+        params,
+        lr=spec.optimizer.lr,
+        weight_decay=spec.optimizer.weight_decay,
+        betas=spec.optimizer.betas,
+    )
+    total_steps = int(config["total_steps"])
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer,
+        warmup_cosine(total_steps, spec.schedule.warmup_ratio, spec.schedule.min_lr_ratio),
+    )
+    position = {"epoch": 0, "step": 0, "batches_done": 0, "restarts": 0}
+    resumed = ray.train.get_checkpoint()
+    if resumed is not None:
+        with resumed.as_directory() as directory:
+            load_weights(model, Path(directory) / MODEL_DIR)
+            state = torch.load(Path(directory) / TRAIN_STATE, weights_only=True)
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        position = {k: int(state[k]) for k in position}
+        position["restarts"] += 1
+
+    ddp = ray.train.torch.prepare_model(
+        model, move_to_device=False, parallel_strategy_kwargs={"find_unused_parameters": True}
+    )
+    collate = StageCollator(spec.objective, model.prompt_builder, model.tokenize_text)
+    autocast = (
+        torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
+    )
+    train_shard = ray.train.get_dataset_shard("train")
+    val_shard = ray.train.get_dataset_shard("val")
+    batches_per_epoch = int(config["batches_per_epoch"])
+    logger = StageLogger(storage, config["run_uri"], stage, enabled=rank == 0)
+    label = f"[stage {stage} {spec.name}]"
+
+    def to_device(batch: dict) -> dict:
+        return {k: v.to(device) for k, v in batch.items()}
+
+    def validate() -> float:
+        model.eval()
+        total, count = torch.zeros((), device=device), torch.zeros((), device=device)
+        with torch.no_grad(), autocast:
+            for batch in val_shard.iter_torch_batches(
+                batch_size=spec.batch_size, collate_fn=collate
+            ):
+                total += model(to_device(batch), stage)["loss"].float()
+                count += 1
+        if world > 1:
+            torch.distributed.all_reduce(total)
+            torch.distributed.all_reduce(count)
+        model.train()
+        return float(total / count.clamp(min=1))
+
+    def report(metrics: dict, with_checkpoint: bool) -> None:
+        metrics = {"stage": stage, **position, **metrics}
+        logger.log(metrics)
+        if not with_checkpoint:
+            ray.train.report(metrics)
+            return
+        logger.flush()
+        with tempfile.TemporaryDirectory(prefix="damo-ckpt-") as directory:
+            checkpoint = None
+            if rank == 0:
+                save_train_checkpoint(model, optimizer, scheduler, position, Path(directory), stage)
+                checkpoint = Checkpoint.from_directory(directory)
+            ray.train.report(metrics, checkpoint=checkpoint)
+
+    if resumed is None:
+        report({"val_loss": validate(), "lr": scheduler.get_last_lr()[0]}, with_checkpoint=False)
+    model.train()
+    running, seen, window_start = 0.0, 0, time.monotonic()
+    done = position["step"] >= total_steps
+    while position["epoch"] < spec.epochs and not done:
+        skip = position["batches_done"]
+        batches = train_shard.iter_torch_batches(
+            batch_size=spec.batch_size,
+            collate_fn=collate,
+            local_shuffle_buffer_size=cfg.train.shuffle_buffer or None,
+            local_shuffle_seed=cfg.seed + position["epoch"] if cfg.train.shuffle_buffer else None,
+        )
+        for index, batch in enumerate(batches):
+            if index < skip:  # resumed mid-epoch: these batches were trained before the failure
+                continue
+            with autocast:
+                losses = ddp(to_device(batch), stage)
+            (losses["loss"] / spec.grad_accum).backward()
+            running += float(losses["loss"].detach())
+            seen += 1
+            position["batches_done"] = index + 1
+            if (index + 1) % spec.grad_accum and index + 1 < batches_per_epoch:
+                continue
+            if spec.optimizer.grad_clip:
+                torch.nn.utils.clip_grad_norm_(params, spec.optimizer.grad_clip)
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            position["step"] += 1
+            step = position["step"]
+            done = step >= total_steps
+            if step % spec.log_every == 0 and not done:
+                rate = seen * spec.batch_size * world / (time.monotonic() - window_start)
+                metrics = {
+                    "train_loss": running / seen,
+                    "lr": scheduler.get_last_lr()[0],
+                    "samples_per_s": rate,
+                }
+                if rank == 0:
+                    print(
+                        f"{label} epoch {position['epoch'] + 1}/{spec.epochs} step "
+                        f"{step}/{total_steps} loss {metrics['train_loss']:.4f} "
+                        f"lr {metrics['lr']:.2e} {rate:.1f} samples/s",
+                        flush=True,
+                    )
+                checkpoint_now = bool(spec.checkpoint_every) and step % spec.checkpoint_every == 0
+                report(metrics, with_checkpoint=checkpoint_now)
+                running, seen, window_start = 0.0, 0, time.monotonic()
+            elif spec.checkpoint_every and step % spec.checkpoint_every == 0 and not done:
+                report({"lr": scheduler.get_last_lr()[0]}, with_checkpoint=True)
+            if done:
+                break
+        # the epoch is over, or the step budget ran out and the stage with it
+        position["epoch"] += 1
+        position["batches_done"] = 0
+        val_loss = validate()
+        if rank == 0:
+            print(
+                f"{label} epoch {position['epoch']}/{spec.epochs} step {position['step']}/"
+                f"{total_steps} val_loss {val_loss:.4f}",
+                flush=True,
+            )
+        metrics = {"val_loss": val_loss, "lr": scheduler.get_last_lr()[0]}
+        if seen:
+            metrics["train_loss"] = running / seen
+        report(metrics, with_checkpoint=True)
+        running, seen, window_start = 0.0, 0, time.monotonic()

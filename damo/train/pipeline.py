@@ -1,0 +1,284 @@
+"""Chain the four stages: one TorchTrainer per stage, a manifest in object storage, resume.
+
+    <runs_root>/<run_id>/manifest.json      each stage's status, checkpoint, metrics, hashes
+                          loss_curves.png    train/val loss of every finished stage
+                          metrics/stageK.jsonl, tensorboard/stageK/, ray/<run_id>-stageK/
+
+Re-running a run id resumes at the first unfinished stage; inside a stage, Ray Train restores
+the latest checkpoint (same run name) and `FailureConfig` restarts failed workers from it.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import time
+from pathlib import Path
+
+from damo import __version__
+from damo.config import DamoConfig, config_hash
+from damo.data.training import training_dataset
+from damo.media.storage import Storage, join, parse_uri
+from damo.train.loop import optimizer_steps, train_loop_per_worker
+from damo.train.stages import STAGE_NAMES, stage_spec
+
+MANIFEST = "manifest.json"
+LOSS_PLOT = "loss_curves.png"
+
+
+class TrainError(RuntimeError):
+    pass
+
+
+def code_version() -> str:
+    """The git commit of the code (with "+dirty" for local changes), else the package version."""
+    root = Path(__file__).resolve().parents[2]
+    try:
+        commit = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"],
+            cwd=root,
+            text=True,
+            capture_output=True,
+            timeout=10,
+            check=True,
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no"],
+            cwd=root,
+            text=True,
+            capture_output=True,
+            timeout=10,
+        ).stdout
+        return f"{commit}{'+dirty' if dirty.strip() else ''}"
+    except (OSError, subprocess.SubprocessError):
+        return __version__
+
+
+def training_hash(cfg: DamoConfig) -> str:
+    """What must not change within a run: the model, the data and the training recipe."""
+    return config_hash({"model": cfg.model, "data": cfg.data, "train": cfg.train})
+
+
+def run_uri(cfg: DamoConfig, run_id: str) -> str:
+    if not run_id or "/" in run_id or run_id.startswith("."):
+        raise TrainError(f"bad run id {run_id!r}: use letters, digits, '-' and '_'")
+    return join(cfg.train.runs_root, run_id)
+
+
+def read_manifest(storage: Storage, run: str) -> dict | None:
+    uri = join(run, MANIFEST)
+    return json.loads(storage.read_bytes(uri)) if storage.exists(uri) else None
+
+
+def write_manifest(storage: Storage, run: str, manifest: dict) -> None:
+    storage.write_bytes(join(run, MANIFEST), json.dumps(manifest, indent=2).encode())
+
+
+def _storage_uri(run: str, path: str) -> str:
+    """A path inside the run's filesystem (as Ray reports it) -> a URI for `Storage`."""
+    return f"s3://{path}" if parse_uri(run).scheme == "s3" else path
+
+
+def fit_stage(
+    cfg: DamoConfig,
+    stage: int,
+    run: str,
+    run_id: str,
+    init_checkpoint: str | None,
+    storage: Storage,
+):
+    """Run one stage's TorchTrainer; return (result, rows, total_steps)."""
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    spec = stage_spec(cfg, stage)
+    data = cfg.train.data
+    datasets, matched = {}, {}
+    for name, split in (("train", data.train_split), ("val", data.val_split)):
+        records = join(data.records, f"{split}.parquet")
+        datasets[name], report = training_dataset(data.features, records, spec.tasks, storage)
+        matched[name] = report.matched
+        if report.unmatched:
+            print(
+                f"warning: stage {stage} {name}: {report.unmatched} of {report.records} "
+                f"records have no features (e.g. {report.videos_without_features[:3]})"
+            )
+        if not report.matched:
+            raise TrainError(
+                f"stage {stage}: no {name} records for tasks {spec.tasks} have "
+                f"features under {data.features}"
+            )
+    scaling = cfg.train.scaling
+    batches, total_steps = optimizer_steps(matched["train"], scaling.num_workers, spec)
+    if batches == 0:
+        raise TrainError(
+            f"stage {stage}: {matched['train']} rows are not enough for "
+            f"{scaling.num_workers} workers"
+        )
+    resources = {"CPU": scaling.cpus_per_worker}
+    if scaling.use_gpu:
+        resources["GPU"] = scaling.gpus_per_worker
+    fs, ray_path = storage.pyarrow_filesystem(join(run, "ray"))
+    if parse_uri(run).scheme == "file":
+        Path(ray_path).mkdir(parents=True, exist_ok=True)
+    trainer = TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config={
+            "cfg": cfg.model_dump(mode="json"),
+            "stage": stage,
+            "init_checkpoint": init_checkpoint,
+            "total_steps": total_steps,
+            "batches_per_epoch": batches,
+            "run_uri": run,
+        },
+        scaling_config=ScalingConfig(
+            num_workers=scaling.num_workers, use_gpu=scaling.use_gpu, resources_per_worker=resources
+        ),
+        run_config=RunConfig(
+            name=f"{run_id}-stage{stage}",  # the run id keeps stages of other runs apart
+            storage_path=ray_path,
+            storage_filesystem=fs,
+            failure_config=FailureConfig(max_failures=scaling.max_failures),
+            checkpoint_config=CheckpointConfig(num_to_keep=None),
+        ),
+        datasets=datasets,
+    )
+    return trainer.fit(), matched, total_steps
+
+
+def best_checkpoint(result, run: str) -> tuple[str, dict]:
+    """The checkpoint with the lowest validation loss, as a URI, and its metrics."""
+    scored = [(c, m) for c, m in result.best_checkpoints if m.get("val_loss") is not None]
+    if not scored:
+        raise TrainError("the stage reported no checkpoint with a validation loss")
+    checkpoint, metrics = min(scored, key=lambda pair: pair[1]["val_loss"])
+    return _storage_uri(run, checkpoint.path), metrics
+
+
+def read_stage_metrics(storage: Storage, run: str, stage: int) -> list[dict]:
+    uri = join(run, "metrics", f"stage{stage}.jsonl")
+    if not storage.exists(uri):
+        return []
+    return [json.loads(line) for line in storage.read_bytes(uri).decode().splitlines() if line]
+
+
+def plot_loss_curves(storage: Storage, run: str, stages: list[int]) -> str:
+    """One panel per stage: train loss and validation loss against optimiser steps."""
+    import io
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 4, figsize=(16, 3.6), squeeze=False)
+    for ax, stage in zip(axes[0], (1, 2, 3, 4), strict=True):
+        rows = read_stage_metrics(storage, run, stage) if stage in stages else []
+        for key, style in (("train_loss", "-"), ("val_loss", "o-")):
+            points = [(r["step"], r[key]) for r in rows if r.get(key) is not None]
+            if points:
+                ax.plot(*zip(*points, strict=True), style, label=key.replace("_", " "))
+        ax.set_title(f"stage {stage}: {STAGE_NAMES[stage]}", fontsize=10)
+        ax.set_xlabel("optimiser step")
+        if rows:
+            ax.legend(fontsize=8)
+        else:
+            ax.text(0.5, 0.5, "not run", ha="center", va="center", transform=ax.transAxes)
+    axes[0][0].set_ylabel("loss")
+    fig.tight_layout()
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=110)
+    plt.close(fig)
+    uri = join(run, LOSS_PLOT)
+    storage.write_bytes(uri, buffer.getvalue())
+    return uri
+
+
+def train_pipeline(
+    cfg: DamoConfig,
+    run_id: str,
+    stages: tuple[int, ...] = (1, 2, 3, 4),
+    init_checkpoint: str | None = None,
+    storage: Storage | None = None,
+    log=print,
+) -> dict:
+    """Train `stages` in order, each from the previous one's best checkpoint; return the
+    manifest. Finished stages of an existing run are skipped, not redone."""
+    storage = storage or Storage(cfg.storage.s3)
+    stages = tuple(sorted(set(stages)))
+    if not stages or not set(stages) <= {1, 2, 3, 4}:
+        raise TrainError(f"stages must be a subset of 1,2,3,4; got {stages}")
+    run = run_uri(cfg, run_id)
+    storage.ensure_bucket(run)
+    digest = training_hash(cfg)
+    manifest = read_manifest(storage, run) or {
+        "run_id": run_id,
+        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "config_hash": digest,
+        "config": cfg.model_dump(mode="json"),
+        "stages": {},
+    }
+    if manifest["config_hash"] != digest:
+        raise TrainError(
+            f"run '{run_id}' was started with another config (hash {manifest['config_hash']}, "
+            f"now {digest}); use a new run id to train with this one"
+        )
+    previous = init_checkpoint
+    for stage in stages:
+        entry = manifest["stages"].get(str(stage), {})
+        if entry.get("status") == "finished":
+            log(f"stage {stage} ({STAGE_NAMES[stage]}) already finished: {entry['checkpoint']}")
+            previous = entry["checkpoint"]
+            continue
+        if previous is None and stage > 1:
+            log(
+                f"warning: stage {stage} starts from the pretrained backbones alone "
+                "(no earlier stage and no --init-checkpoint)"
+            )
+        started = time.monotonic()
+        entry = {
+            "name": STAGE_NAMES[stage],
+            "status": "running",
+            "attempts": entry.get("attempts", 0) + 1,
+            "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+            "init_checkpoint": previous,
+            "config_hash": digest,
+            "code_version": code_version(),
+        }
+        manifest["stages"][str(stage)] = entry
+        write_manifest(storage, run, manifest)
+        log(f"stage {stage} ({STAGE_NAMES[stage]}) starting")
+        result, rows, total_steps = fit_stage(cfg, stage, run, run_id, previous, storage)
+        if result.error is not None:
+            entry.update(status="failed", error=str(result.error))
+            write_manifest(storage, run, manifest)
+            raise TrainError(f"stage {stage} failed: {result.error}")
+        checkpoint, best = best_checkpoint(result, run)
+        history = read_stage_metrics(storage, run, stage)
+        val = [r["val_loss"] for r in history if r.get("val_loss") is not None]
+        entry.update(
+            status="finished",
+            checkpoint=checkpoint,
+            finished=time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+            wall_s=round(time.monotonic() - started, 1),
+            metrics={
+                "first_val_loss": val[0] if val else None,
+                "best_val_loss": best["val_loss"],
+                "final_val_loss": val[-1] if val else None,
+                "steps": total_steps,
+                "train_rows": rows["train"],
+                "val_rows": rows["val"],
+                "restarts": max((r.get("restarts", 0) for r in history), default=0),
+            },
+        )
+        write_manifest(storage, run, manifest)
+        manifest["loss_curves"] = plot_loss_curves(
+            storage, run, [int(s) for s in manifest["stages"]]
+        )
+        write_manifest(storage, run, manifest)
+        log(
+            f"stage {stage} finished in {entry['wall_s']}s: val loss "
+            f"{entry['metrics']['first_val_loss']:.4f} -> {best['val_loss']:.4f}"
+        )
+        previous = checkpoint
+    return manifest
