@@ -206,13 +206,25 @@ def extract_command(
         err_console.print(f"[bold red]error:[/] no objects under {escape(videos)}")
         raise typer.Exit(code=2)
     connect_ray(cfg)
-    summary = extract_features(uris, out, cfg, batch_size=batch_size, num_actors=actors,
-                               num_gpus_per_actor=gpus_per_actor, storage=storage)
+    summary = extract_features(
+        uris,
+        out,
+        cfg,
+        batch_size=batch_size,
+        num_actors=actors,
+        num_gpus_per_actor=gpus_per_actor,
+        storage=storage,
+    )
     table = Table(title=f"feature extraction -> {out}")
     for column in ("inputs", "skipped (done before)", "ok", "errors", "clips/s"):
         table.add_column(column)
-    table.add_row(str(summary.inputs), str(summary.skipped), str(summary.ok),
-                  str(sum(summary.errors.values())), f"{summary.clips_per_second:.2f}")
+    table.add_row(
+        str(summary.inputs),
+        str(summary.skipped),
+        str(summary.ok),
+        str(sum(summary.errors.values())),
+        f"{summary.clips_per_second:.2f}",
+    )
     console.print(table)
     for reason, count in sorted(summary.errors.items()):
         console.print(f"  error {reason}: {count}")
@@ -273,7 +285,7 @@ def model_params(preset: Preset, overrides: Overrides = None) -> None:
 @friendly_errors
 def backbones_make_tiny(
     out: Annotated[str, typer.Option(help="Where to write vision/, audio/, text_encoder/, llm/.")],
-    steps: Annotated[int, typer.Option(min=0, help="Pre-training steps of the tiny LLM.")] = 200,
+    steps: Annotated[int, typer.Option(min=0, help="Pre-training steps of the tiny LLM.")] = 300,
     clips: Annotated[int, typer.Option(min=1, help="Synthetic clips whose text it reads.")] = 200,
     seed: int = 0,
     config: Annotated[
@@ -352,3 +364,103 @@ def data_probe(
         err_console.print(f"[bold red]{info.reason}:[/] {escape(info.message)}", highlight=False)
         raise typer.Exit(code=1)
     typer.echo(json.dumps(info.to_dict(), indent=2))
+
+
+# ---- train ----------------------------------------------------------------------------------
+train_app = typer.Typer(help="Train DaMO's four stages with Ray Train.")
+app.add_typer(train_app, name="train")
+
+
+def _parse_stages(text: str) -> tuple[int, ...]:
+    try:
+        stages = tuple(int(part) for part in text.split(",") if part.strip())
+    except ValueError:
+        raise typer.BadParameter(f"'{text}' is not a list like 1,2,3,4") from None
+    if not stages or not set(stages) <= {1, 2, 3, 4}:
+        raise typer.BadParameter(f"stages must be among 1,2,3,4, got '{text}'")
+    return stages
+
+
+@train_app.callback(invoke_without_command=True)
+@friendly_errors
+def train_command(
+    ctx: typer.Context,
+    config: ConfigName = None,
+    overrides: Overrides = None,
+    run_id: Annotated[
+        str | None,
+        typer.Option(help="Name of the run; re-use it to resume. Default: a new timestamped id."),
+    ] = None,
+    stages: Annotated[str, typer.Option(help="Stages to train, e.g. 3,4.")] = "1,2,3,4",
+    init_checkpoint: Annotated[
+        str | None, typer.Option(help="Start the first stage from this checkpoint URI.")
+    ] = None,
+) -> None:
+    """Train the stages in order, each from the previous stage's best checkpoint.
+
+    A run's manifest lives in object storage; re-running the same --run-id skips finished
+    stages and resumes an interrupted one from its latest checkpoint.
+    """
+    if ctx.invoked_subcommand is not None:
+        return
+    import time
+
+    from damo.data.extract import connect_ray
+    from damo.train.pipeline import TrainError, train_pipeline
+
+    cfg = load_config(config, overrides or [])
+    run_id = run_id or time.strftime("run-%Y%m%d-%H%M%S")
+    console.print(f"run id: [bold]{run_id}[/] (re-run with --run-id {run_id} to resume)")
+    connect_ray(cfg)
+    try:
+        manifest = train_pipeline(
+            cfg, run_id, _parse_stages(stages), init_checkpoint, log=console.print
+        )
+    except TrainError as err:
+        err_console.print(f"[bold red]error:[/] {escape(str(err))}", soft_wrap=True)
+        raise typer.Exit(code=1) from None
+    _print_manifest(manifest)
+
+
+def _print_manifest(manifest: dict) -> None:
+    table = Table(title=f"run {manifest['run_id']} (config {manifest['config_hash']})")
+    for column in ("stage", "name", "status", "wall s", "steps", "val loss", "checkpoint"):
+        table.add_column(column)
+    for stage in sorted(manifest["stages"], key=int):
+        entry = manifest["stages"][stage]
+        metrics = entry.get("metrics", {})
+        val = ""
+        if metrics.get("first_val_loss") is not None:
+            val = f"{metrics['first_val_loss']:.3f} -> {metrics['best_val_loss']:.3f}"
+        table.add_row(
+            stage,
+            entry["name"],
+            entry["status"],
+            str(entry.get("wall_s", "")),
+            str(metrics.get("steps", "")),
+            val,
+            entry.get("checkpoint", ""),
+        )
+    console.print(table)
+    if manifest.get("loss_curves"):
+        console.print(f"loss curves: {manifest['loss_curves']}")
+
+
+@train_app.command("status")
+@friendly_errors
+def train_status(
+    run_id: Annotated[str, typer.Argument(help="The run id.")],
+    config: ConfigName = None,
+    overrides: Overrides = None,
+) -> None:
+    """Print a run's manifest as a table."""
+    from damo.media.storage import Storage
+    from damo.train.pipeline import read_manifest, run_uri
+
+    cfg = load_config(config, overrides or [])
+    run = run_uri(cfg, run_id)
+    manifest = read_manifest(Storage(cfg.storage.s3), run)
+    if manifest is None:
+        err_console.print(f"[bold red]error:[/] no run '{escape(run_id)}' under {escape(run)}")
+        raise typer.Exit(code=1)
+    _print_manifest(manifest)

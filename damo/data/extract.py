@@ -236,7 +236,6 @@ def connect_ray(cfg: DamoConfig) -> None:
         address=ray_cfg.address,
         num_cpus=ray_cfg.num_cpus if ray_cfg.address is None else None,
         object_store_memory=memory * 1024 * 1024 if memory and ray_cfg.address is None else None,
-        log_to_driver=False,
     )
 
 
