@@ -67,7 +67,7 @@ def tiny_backbones(tmp_path_factory) -> Path:
     from damo.data.backbones import make_tiny_backbones
 
     out = tmp_path_factory.mktemp("backbones") / "tiny"
-    timings = make_tiny_backbones(str(out), steps=200, num_clips=200, seed=0)
+    timings = make_tiny_backbones(str(out), steps=300, num_clips=200, seed=0)
     out.joinpath("timings.json").write_text(json.dumps(timings))
     return out
 

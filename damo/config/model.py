@@ -194,15 +194,43 @@ class StageConfig(Section):
     trainable: list[Component]
 
 
+# One class per stage so that overriding one field (`--set model.stages.stage2.trainable=[bridge]`)
+# keeps that stage's other defaults.
+class Stage1Config(StageConfig):
+    """Video-text alignment: VTC + VTM + VTG, no LLM."""
+
+    objective: Literal["alignment", "lm"] = "alignment"
+    trainable: list[Component] = ["residual", "temporal", "fuseformer", "bridge", "heads"]
+
+
+class Stage2Config(StageConfig):
+    """Representation bridging: LM loss on answers, frozen LLM."""
+
+    objective: Literal["alignment", "lm"] = "lm"
+    trainable: list[Component] = ["fuseformer", "bridge"]
+
+
+class Stage3Config(StageConfig):
+    """Temporal perception: LM loss on grounded QA, LoRA joins."""
+
+    objective: Literal["alignment", "lm"] = "lm"
+    trainable: list[Component] = ["fuseformer", "bridge", "lora"]
+
+
+class Stage4Config(StageConfig):
+    """Dialogue tuning: LM loss on multi-turn dialogues."""
+
+    objective: Literal["alignment", "lm"] = "lm"
+    trainable: list[Component] = ["bridge", "lora"]
+
+
 class StagesConfig(Section):
     """DESIGN §4: what each stage trains. `lora` trains the LLM's adapter."""
 
-    stage1: StageConfig = StageConfig(
-        objective="alignment", trainable=["residual", "temporal", "fuseformer", "bridge", "heads"]
-    )
-    stage2: StageConfig = StageConfig(objective="lm", trainable=["fuseformer", "bridge"])
-    stage3: StageConfig = StageConfig(objective="lm", trainable=["fuseformer", "bridge", "lora"])
-    stage4: StageConfig = StageConfig(objective="lm", trainable=["bridge", "lora"])
+    stage1: Stage1Config = Stage1Config()
+    stage2: Stage2Config = Stage2Config()
+    stage3: Stage3Config = Stage3Config()
+    stage4: Stage4Config = Stage4Config()
 
     def get(self, stage: int) -> StageConfig:
         if stage not in (1, 2, 3, 4):
