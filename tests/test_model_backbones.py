@@ -80,6 +80,9 @@ def test_frozen_encoders_load_and_preprocess_real_media(tiny_backbones):
     audio = encoders.encode_audio(mel)
     assert audio.shape == (2, cfg.audio.tokens_per_segment, cfg.audio.arch["d_model"])
     assert not any(p.requires_grad for p in encoders.parameters())
+    wrong = load_config("tiny", ["model.vision.arch.hidden_size=48"]).model
+    with pytest.raises(ValueError, match="vision .* width 32"):
+        FrozenEncoders.from_config(wrong.with_backbones_at(str(tiny_backbones)))
 
 
 def test_backbones_and_checkpoints_load_from_object_storage(tiny_backbones, s3_storage, tmp_path):

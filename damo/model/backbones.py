@@ -79,6 +79,26 @@ def vision_geometry(cfg: VisionEncoderConfig) -> tuple[int, int]:
     return config.hidden_size, patches
 
 
+def check_geometry(cfg: ModelConfig, vision_config, audio_config) -> None:
+    """The model is sized from `arch`; a checkpoint of another size must fail loudly here."""
+    expected_dim, expected_patches = vision_geometry(cfg.vision)
+    patches = (vision_config.image_size // vision_config.patch_size) ** 2
+    problems = []
+    if (vision_config.hidden_size, patches) != (expected_dim, expected_patches):
+        problems.append(
+            f"vision {cfg.vision.path}: width {vision_config.hidden_size}, {patches} patches; "
+            f"model.vision.arch says {expected_dim}, {expected_patches}"
+        )
+    expected_audio = int(cfg.audio.arch.get("d_model", 768))
+    if audio_config.d_model != expected_audio:
+        problems.append(
+            f"audio {cfg.audio.path}: width {audio_config.d_model}; "
+            f"model.audio.arch says {expected_audio}"
+        )
+    if problems:
+        raise ValueError("encoder checkpoints do not match the config: " + "; ".join(problems))
+
+
 class FrozenEncoders(nn.Module):
     """The frozen vision and audio encoders that feature extraction runs once per video.
 
@@ -106,6 +126,8 @@ class FrozenEncoders(nn.Module):
         )
         if pretrained:
             from transformers import AutoImageProcessor, WhisperFeatureExtractor
+
+            check_geometry(cfg, encoders.vision.config, encoders.audio.config)
 
             encoders.image_processor = AutoImageProcessor.from_pretrained(
                 local_dir(cfg.vision.path, resolve)

@@ -190,7 +190,9 @@ class DamoModel(nn.Module):
         sims = self.heads.vtc.similarities(video_emb, text_emb)  # (B, B)
         losses = {
             "vtc": self.heads.vtc.loss(sims),
-            "vtm": self.heads.vtm.loss(query_states, text_states, sims.detach()),
+            "vtm": self.heads.vtm.loss(
+                query_states, text_states, text_attention_mask, sims.detach()
+            ),
             "vtg": self.heads.vtg.loss(query_states, text_input_ids, text_attention_mask),
         }
         losses["loss"] = (

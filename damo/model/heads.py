@@ -55,14 +55,17 @@ class MatchingHead(nn.Module):
         self.layers = nn.ModuleList(QueryLayer(dim, heads) for _ in range(cfg.vtm_depth))
         self.classifier = nn.Linear(dim, 2)
 
-    def logits(self, query_states: Tensor, text_states: Tensor) -> Tensor:
-        # query_states (N, K, D), text_states (N, S, Dt) -> (N, 2)
+    def logits(self, query_states: Tensor, text_states: Tensor, text_mask: Tensor) -> Tensor:
+        # query_states (N, K, D), text_states (N, S, Dt), text_mask (N, S) -> (N, 2)
         x = self.text_in(text_states)  # (N, S, D)
+        text_attn = key_mask_to_attn_mask(text_mask.bool())  # padding is not read
         for layer in self.layers:
-            x = layer(x, query_states)
+            x = layer(x, query_states, self_attn_mask=text_attn)
         return self.classifier(x[:, 0])  # the first ([CLS]) token decides
 
-    def loss(self, query_states: Tensor, text_states: Tensor, sims: Tensor) -> Tensor:
+    def loss(
+        self, query_states: Tensor, text_states: Tensor, text_mask: Tensor, sims: Tensor
+    ) -> Tensor:
         """Positives plus one hard negative text per video and one hard negative video per text.
 
         Negatives are sampled in proportion to softmax(VTC similarity), the diagonal (the true
@@ -79,8 +82,9 @@ class MatchingHead(nn.Module):
             negative_video = torch.multinomial(masked.T.softmax(dim=1), 1).squeeze(1)  # (B,)
         videos = torch.cat([query_states, query_states, query_states[negative_video]])  # (3B,K,D)
         texts = torch.cat([text_states, text_states[negative_text], text_states])  # (3B, S, Dt)
+        masks = torch.cat([text_mask, text_mask[negative_text], text_mask])  # (3B, S)
         labels = torch.cat([torch.ones(batch), torch.zeros(2 * batch)]).long().to(sims.device)
-        return F.cross_entropy(self.logits(videos, texts), labels)
+        return F.cross_entropy(self.logits(videos, texts, masks), labels)
 
 
 class CaptioningHead(nn.Module):

@@ -123,7 +123,13 @@ class QueryLayer(nn.Module):
         self.ffn_norm = nn.LayerNorm(dim)
         self.ffn = FeedForward(dim, ffn_mult, dropout=dropout)
 
-    def forward(self, queries: Tensor, context: Tensor, attn_mask: Tensor | None = None) -> Tensor:
-        queries = queries + self.self_attn(self.self_norm(queries))
+    def forward(
+        self,
+        queries: Tensor,
+        context: Tensor,
+        attn_mask: Tensor | None = None,
+        self_attn_mask: Tensor | None = None,
+    ) -> Tensor:
+        queries = queries + self.self_attn(self.self_norm(queries), attn_mask=self_attn_mask)
         queries = self.cross(queries, context, attn_mask)
         return queries + self.ffn(self.ffn_norm(queries))
