@@ -122,6 +122,29 @@ def training_dataset(
     return dataset.flat_map(expand), report
 
 
+def read_feature_table(features_uri: str, storage: Storage) -> pa.Table:
+    """Every feature row under `features_uri` in one Arrow table (for evaluation and tools)."""
+    import pyarrow.dataset as pads
+    import ray.data  # noqa: F401  registers Ray's tensor extension types with pyarrow
+
+    files = feature_files(features_uri, storage)
+    fs, _ = storage.pyarrow_filesystem(files[0])
+    paths = [storage.pyarrow_filesystem(u)[1] for u in files]
+    return pads.dataset(paths, filesystem=fs, format="parquet").to_table()
+
+
+def table_to_numpy(table: pa.Table) -> dict[str, np.ndarray]:
+    """Arrow columns -> numpy, tensor columns with their shapes (B, ...)."""
+    out = {}
+    for name in table.column_names:
+        column = table.column(name)
+        if hasattr(column.type, "shape"):  # Ray's fixed-shape tensor extension
+            out[name] = np.concatenate([chunk.to_numpy() for chunk in column.chunks])
+        else:
+            out[name] = column.to_numpy(zero_copy_only=False)
+    return out
+
+
 # ---- collation ---------------------------------------------------------------------------
 def video_tensors(batch: dict[str, np.ndarray]) -> dict:
     """Feature columns of a numpy batch -> the `VideoFeatures` fields as tensors."""
