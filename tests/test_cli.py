@@ -129,3 +129,19 @@ def test_storage_up_status_down(tmp_path):
         [DAMO, "storage", "status", *args], capture_output=True, text=True, env=env, timeout=60
     )
     assert status.returncode == 1 and "not running" in status.stdout
+
+
+@pytest.mark.parametrize("job", ["extract", "train"])
+def test_job_scripts_are_the_cli(job):
+    from conftest import REPO_ROOT
+
+    out = subprocess.run(
+        [sys.executable, f"jobs/{job}.py", "--help"],
+        cwd=REPO_ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={**os.environ, "COLUMNS": "200"},
+    )
+    assert out.returncode == 0, out.stderr
+    assert f"Usage: jobs/{job}.py" in out.stdout

@@ -227,15 +227,17 @@ def connect_ray(cfg: DamoConfig) -> None:
     if ray.is_initialized():
         return
     ray_cfg = cfg.ray
-    if ray_cfg.address is None:
+    # inside `ray job submit`, RAY_ADDRESS names the cluster and ray.init() joins it
+    local = ray_cfg.address is None and "RAY_ADDRESS" not in os.environ
+    if local:
         # A private cluster on this machine: token auth (on by default since 2.59) would only
         # break `ray job submit` against it (RAY_NOTES).
         os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     memory = ray_cfg.object_store_memory_mb
     ray.init(
         address=ray_cfg.address,
-        num_cpus=ray_cfg.num_cpus if ray_cfg.address is None else None,
-        object_store_memory=memory * 1024 * 1024 if memory and ray_cfg.address is None else None,
+        num_cpus=ray_cfg.num_cpus if local else None,
+        object_store_memory=memory * 1024 * 1024 if memory and local else None,
     )
 
 
