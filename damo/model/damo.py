@@ -42,6 +42,14 @@ OWNED_PREFIXES = ("pathway.", "heads.")
 
 
 class DamoModel(nn.Module):
+    """DaMO from cached encoder features to losses, embeddings and answers.
+
+    pathway       residual -> temporal -> T-Fuseformer -> bridge (trainable, saved)
+    heads         VTC / VTM / VTG for stage 1 (trainable, saved)
+    text_encoder  frozen, for VTC/VTM (referenced by path)
+    llm           frozen causal LM wrapped in a peft LoRA adapter (adapter saved)
+    """
+
     def __init__(
         self,
         cfg: ModelConfig,
