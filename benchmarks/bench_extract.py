@@ -26,13 +26,7 @@ def tiny_config(backbones: Path, extra: list[str]):
         f"model.{name}.path={backbones / name}"
         for name in ("vision", "audio", "text_encoder", "llm")
     ]
-    overrides += [
-        "data.decode.num_frames=8",
-        "data.decode.num_segments=4",
-        "data.decode.image_size=32",
-        *extra,
-    ]
-    return load_config("tiny", overrides)
+    return load_config("tiny", [*overrides, *extra])
 
 
 def prepare(clips: int) -> tuple[Path, list[str]]:

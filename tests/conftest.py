@@ -80,11 +80,6 @@ def tiny_config(backbones: Path, extra: tuple[str, ...] = ()):
         f"model.{name}.path={backbones / name}"
         for name in ("vision", "audio", "text_encoder", "llm")
     ]
-    overrides += [
-        "data.decode.num_frames=8",
-        "data.decode.num_segments=4",
-        "data.decode.image_size=32",
-    ]
     return load_config("tiny", [*overrides, *extra])
 
 

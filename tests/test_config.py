@@ -116,3 +116,10 @@ def test_missing_and_invalid_sources(tmp_path):
 
 def test_defaults_without_a_file():
     assert load_config() == DamoConfig()
+
+
+def test_frame_counts_of_model_and_decoding_must_agree():
+    with pytest.raises(ConfigError) as err:
+        load_config("tiny", ["data.decode.num_frames=16"])
+    assert "model.frames (8) must equal data.decode.num_frames (16)" in str(err.value)
+    assert load_config("tiny", ["data.decode.num_frames=16", "model.frames=16"]).model.frames == 16

@@ -103,7 +103,7 @@ def test_a_second_run_does_no_work(corpus, first_run, s3_storage):
 
 def test_a_changed_config_redoes_the_work(first_run, corpus, s3_server, s3_storage, tiny_backbones):
     _, out, summary = first_run
-    cfg = s3_tiny_config(tiny_backbones, s3_server, ["data.decode.num_frames=4"])
+    cfg = s3_tiny_config(tiny_backbones, s3_server, ["data.decode.num_frames=4", "model.frames=4"])
     good = [item.uri for item in corpus if not item.is_bad][:1]
     redo = extract_features(good, out, cfg, storage=s3_storage)
     assert redo.skipped == 0 and redo.ok == 1

@@ -37,7 +37,6 @@ def write_config(path: Path, backbones: Path, world: Path, features: Path, stage
             name: {"path": str(backbones / name)}
             for name in ("vision", "audio", "text_encoder", "llm")
         },
-        "data": {"decode": {"num_frames": 8, "num_segments": 4, "image_size": 32}},
         "ray": {"num_cpus": 2, "object_store_memory_mb": 256},
         "train": {
             "runs_root": str(path.parent / "runs"),

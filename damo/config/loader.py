@@ -154,11 +154,13 @@ def _format_validation_error(err: ValidationError, source: str, overrides: dict[
     lines = [f"invalid config {source}:"]
     for item in err.errors():
         loc = tuple(item["loc"])
-        dotted = ".".join(str(p) for p in loc)
+        dotted = ".".join(str(p) for p in loc) or "(whole config)"
         unknown = item["type"] == "extra_forbidden"
         message = "unknown field" if unknown else item["msg"]
-        got = "" if unknown else f" (got {item.get('input')!r})"
-        allowed = describe_allowed(loc, unknown_key=unknown)
+        # a section-level or whole-config error would echo the whole mapping: say less
+        quiet = unknown or isinstance(item.get("input"), dict)
+        got = "" if quiet else f" (got {item.get('input')!r})"
+        allowed = describe_allowed(loc, unknown_key=unknown) if loc else ""
         origin = f" [from --set {overrides[dotted]}]" if dotted in overrides else ""
         lines.append(f"  {dotted}: {message}{got}" + (f"; {allowed}" if allowed else "") + origin)
     return "\n".join(lines)

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 
 class Section(BaseModel):
@@ -78,3 +78,18 @@ class DamoConfig(Section):
     data: DataConfig = DataConfig()
     model: ModelConfig = ModelConfig()
     train: TrainConfig = TrainConfig()
+
+    @model_validator(mode="after")
+    def _frames_agree(self) -> DamoConfig:
+        """The model's frame/segment counts are what decoding produces: one number each."""
+        decode = self.data.decode
+        for model_field, count, data_field in (
+            ("model.frames", self.model.frames, "data.decode.num_frames"),
+            ("model.audio_segments", self.model.audio_segments, "data.decode.num_segments"),
+        ):
+            if count != getattr(decode, data_field.rsplit(".", 1)[1]):
+                raise ValueError(
+                    f"{model_field} ({count}) must equal {data_field} "
+                    f"({getattr(decode, data_field.rsplit('.', 1)[1])}): set both"
+                )
+        return self
