@@ -183,9 +183,19 @@ def sample_clip(
 
 # ---- annotations ------------------------------------------------------------------------------
 def _annotation(
-    spec: ClipSpec, task: str, n: int, query: str, answer: str, spans=(), turns=()
+    spec: ClipSpec,
+    task: str,
+    n: int,
+    query: str,
+    answer: str,
+    spans=(),
+    turns=(),
+    modality: str | None = None,
 ) -> dict:
+    """One record's fields; `modality` (visual / audio / both) says where the event can be
+    perceived, which lets evaluation score audio-only queries on their own."""
     return {
+        "extra": {"modality": modality} if modality else {},
         "id": f"{spec.clip_id}-{task}-{n}",
         "video_id": spec.clip_id,
         "duration": spec.duration,
@@ -259,7 +269,13 @@ def annotations(spec: ClipSpec) -> list[dict]:
         query = f"when does {e.thing} appear?" if e.visible else f"when is {e.thing} heard?"
         out.append(
             _annotation(
-                spec, "grounding", n, query, f"{fmt_span(e.start, e.end)}.", [(e.start, e.end)]
+                spec,
+                "grounding",
+                n,
+                query,
+                f"{fmt_span(e.start, e.end)}.",
+                [(e.start, e.end)],
+                modality=e.kind,
             )
         )
 
@@ -459,11 +475,8 @@ def world_records(root: str, specs: list[ClipSpec]) -> list[dict]:
     for spec in specs:
         uri = video_uri(root, spec.clip_id)
         for annotation in annotations(spec):
-            out.append(
-                make_record(
-                    **annotation, video_uri=uri, source="synthetic", extra={"clip": spec.index}
-                )
-            )
+            extra = {"clip": spec.index, **annotation.pop("extra")}
+            out.append(make_record(**annotation, video_uri=uri, source="synthetic", extra=extra))
     return out
 
 

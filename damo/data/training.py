@@ -75,6 +75,11 @@ def stage_records(records: pa.Table, tasks: tuple[str, ...], split: str | None) 
                 "task": record["task"],
                 "caption": record["answer"] if record["task"] == "caption" else "",
                 "conversation": json.dumps(conversation(record)),
+                # what evaluation compares against
+                "query": record["query"] or "",
+                "answer": record["answer"] or "",
+                "spans": json.dumps(record["spans"] or []),
+                "extra": record["extra"] or "{}",
             }
         )
     return dict(by_video)

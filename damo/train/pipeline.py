@@ -11,16 +11,15 @@ the latest checkpoint (same run name) and `FailureConfig` restarts failed worker
 from __future__ import annotations
 
 import json
-import subprocess
 import time
 from pathlib import Path
 
-from damo import __version__
 from damo.config import DamoConfig, config_hash
 from damo.data.training import training_dataset
 from damo.media.storage import Storage, join, parse_uri
 from damo.train.loop import optimizer_steps, train_loop_per_worker
 from damo.train.stages import STAGE_NAMES, stage_spec
+from damo.version import code_version
 
 MANIFEST = "manifest.json"
 LOSS_PLOT = "loss_curves.png"
@@ -28,30 +27,6 @@ LOSS_PLOT = "loss_curves.png"
 
 class TrainError(RuntimeError):
     pass
-
-
-def code_version() -> str:
-    """The git commit of the code (with "+dirty" for local changes), else the package version."""
-    root = Path(__file__).resolve().parents[2]
-    try:
-        commit = subprocess.run(
-            ["git", "rev-parse", "--short", "HEAD"],
-            cwd=root,
-            text=True,
-            capture_output=True,
-            timeout=10,
-            check=True,
-        ).stdout.strip()
-        dirty = subprocess.run(
-            ["git", "status", "--porcelain", "--untracked-files=no"],
-            cwd=root,
-            text=True,
-            capture_output=True,
-            timeout=10,
-        ).stdout
-        return f"{commit}{'+dirty' if dirty.strip() else ''}"
-    except (OSError, subprocess.SubprocessError):
-        return __version__
 
 
 def training_hash(cfg: DamoConfig) -> str:

@@ -1,0 +1,240 @@
+"""Batch evaluation with Ray Data: a checkpoint answers every record of a split.
+
+    feature shards + records --> actor pool (model.generate, greedy) --> predictions
+        --> metrics (grounding, QA, retrieval; beside chance baselines) --> report
+
+Outputs under `out_uri`: predictions.jsonl (and a QVHighlights submission when the records
+come from QVHighlights), metrics.json, report.md, plots/*.png.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from damo.config import DamoConfig
+from damo.config.schema import S3Config
+from damo.data.records import read_records, write_qvhighlights_submission
+from damo.data.training import (
+    read_feature_table,
+    table_to_numpy,
+    training_dataset,
+    video_tensors,
+)
+from damo.eval.metrics import grounding_metrics, qa_accuracy, retrieval_metrics
+from damo.eval.parse import parse_span
+from damo.media.storage import Storage, join
+from damo.version import code_version
+
+TASKS = ("grounding", "qa", "temporal_qa")
+MODEL_DIR = "model"  # inside a training checkpoint (damo.train.loop)
+
+
+@dataclass
+class EvalSettings:
+    max_new_tokens: int = 24
+    batch_size: int = 8
+    actors: int = 1
+    zero_audio: bool = False  # ablation: silence the audio stream at inference
+    plots: int = 6
+    seed: int = 0
+    tasks: tuple[str, ...] = TASKS
+    notes: dict = field(default_factory=dict)
+
+
+def load_model(checkpoint_uri: str, storage: Storage):
+    from damo.model.checkpoint import load_checkpoint
+
+    local = storage.fetch_dir(checkpoint_uri)
+    directory = local / MODEL_DIR if (local / MODEL_DIR).is_dir() else local
+    return load_checkpoint(directory, resolve=storage.fetch_dir).eval()
+
+
+class AnswerQuestions:
+    """map_batches UDF (actor pool): one model per actor, greedy answers for a batch."""
+
+    def __init__(self, checkpoint_uri: str, s3: S3Config, settings: EvalSettings):
+        import torch
+
+        self.device = "cuda" if torch.cuda.is_available() else "cpu"
+        self.model = load_model(checkpoint_uri, Storage(s3)).to(self.device)
+        self.settings = settings
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        from damo.model.video import VideoFeatures
+
+        video = VideoFeatures.from_batch(video_tensors(batch))
+        if self.settings.zero_audio:
+            video.audio.zero_()
+        prompts = [json.loads(str(c))[0]["content"] for c in batch["conversation"]]
+        answers = self.model.generate(video, prompts, max_new_tokens=self.settings.max_new_tokens)
+        keep = ("record_id", "video_uri", "task", "query", "answer", "spans", "extra", "duration")
+        out = {k: batch[k] for k in keep}
+        out["prediction"] = np.array(answers, dtype=object)
+        return out
+
+
+def predict(
+    cfg: DamoConfig,
+    checkpoint_uri: str,
+    features_uri: str,
+    records_uri: str,
+    settings: EvalSettings,
+    storage: Storage,
+) -> tuple[list[dict], object]:
+    import ray
+
+    dataset, report = training_dataset(features_uri, records_uri, settings.tasks, storage)
+    if not report.matched:
+        raise ValueError(f"no records of {records_uri} for {settings.tasks} have features")
+    answered = dataset.map_batches(
+        AnswerQuestions,
+        fn_constructor_args=(checkpoint_uri, cfg.storage.s3, settings),
+        batch_size=settings.batch_size,
+        compute=ray.data.ActorPoolStrategy(min_size=1, max_size=settings.actors),
+        num_cpus=1,
+    )
+    rows = sorted(answered.take_all(), key=lambda r: r["record_id"])
+    return rows, report
+
+
+# ---- scoring -------------------------------------------------------------------------------
+def score_rows(rows: list[dict], seed: int = 0) -> tuple[dict, list[dict]]:
+    """Metrics per task, each beside its chance baselines; rows gain parsed spans and IoU."""
+    from damo.eval.metrics import normalize_answer, temporal_iou_paired
+
+    metrics: dict = {}
+    rng = np.random.default_rng(seed)
+    grounding = [r for r in rows if r["task"] == "grounding"]
+    if grounding:
+        gt = [tuple(json.loads(r["spans"])[0]) for r in grounding]
+        pred = [parse_span(r["prediction"], r["duration"]) for r in grounding]
+        for row, span, truth in zip(grounding, pred, gt, strict=True):
+            row["pred_span"] = list(span) if span is not None else None
+            iou = 0.0 if span is None else temporal_iou_paired([span], [truth])[0]
+            row["iou"] = float(iou)
+        durations = [r["duration"] for r in grounding]
+        starts = rng.uniform(0, 1, len(grounding)) * np.array(durations)
+        ends = starts + rng.uniform(0, 1, len(grounding)) * (np.array(durations) - starts)
+        metrics["grounding"] = {
+            "model": grounding_metrics(pred, gt),
+            "baseline_whole_clip": grounding_metrics([(0.0, d) for d in durations], gt),
+            "baseline_random_span": grounding_metrics(list(zip(starts, ends, strict=True)), gt),
+        }
+        by_modality: dict[str, list[int]] = {}
+        for i, row in enumerate(grounding):
+            modality = json.loads(row["extra"]).get("modality")
+            if modality:
+                by_modality.setdefault(modality, []).append(i)
+        for modality, index in sorted(by_modality.items()):
+            metrics["grounding"][
+                f"model/{modality}_only" if modality != "both" else "model/audio_visual"
+            ] = grounding_metrics([pred[i] for i in index], [gt[i] for i in index])
+    for task in ("qa", "temporal_qa"):
+        subset = [r for r in rows if r["task"] == task]
+        if not subset:
+            continue
+        answers = [r["answer"] for r in subset]
+        majority = Counter(normalize_answer(a) for a in answers).most_common(1)[0][0]
+        for row in subset:
+            row["correct"] = normalize_answer(row["prediction"]) == normalize_answer(row["answer"])
+        metrics[task] = {
+            "model": qa_accuracy([r["prediction"] for r in subset], answers),
+            "baseline_majority_answer": qa_accuracy([majority] * len(subset), answers),
+        }
+    return metrics, rows
+
+
+def retrieval(
+    checkpoint_uri: str, features_uri: str, records_uri: str, storage: Storage, model=None
+) -> dict | None:
+    """Stage-1 text->video retrieval among the split's videos: each video's caption is a query."""
+    from damo.model.video import VideoFeatures
+
+    captions = {
+        r["video_uri"]: r["answer"]
+        for r in read_records(records_uri, storage).to_pylist()
+        if r["task"] == "caption"
+    }
+    table = table_to_numpy(read_feature_table(features_uri, storage))
+    keep = [i for i, uri in enumerate(table["video_uri"]) if uri in captions]
+    if len(keep) < 2:
+        return None
+    model = model or load_model(checkpoint_uri, storage)
+    batch = {k: v[keep] for k, v in table.items()}
+    video = VideoFeatures.from_batch(video_tensors(batch))
+    video_emb = model.embed_video(video)  # (N, E)
+    text_emb = model.embed_text([captions[u] for u in batch["video_uri"]])  # (N, E)
+    similarity = (text_emb @ video_emb.T).float().numpy()  # (queries, candidates)
+    rng = np.random.default_rng(0)
+    return {
+        "model": retrieval_metrics(similarity),
+        "baseline_random": retrieval_metrics(rng.normal(size=similarity.shape)),
+    }
+
+
+# ---- the whole run -------------------------------------------------------------------------
+def evaluate_checkpoint(
+    cfg: DamoConfig,
+    checkpoint_uri: str,
+    features_uri: str,
+    records_uri: str,
+    out_uri: str,
+    settings: EvalSettings | None = None,
+    storage: Storage | None = None,
+) -> dict:
+    """Answer, score and report one split; returns the metrics (also in metrics.json)."""
+    from damo.eval.report import write_report
+
+    settings = settings or EvalSettings()
+    storage = storage or Storage(cfg.storage.s3)
+    started = time.monotonic()
+    rows, join_report = predict(cfg, checkpoint_uri, features_uri, records_uri, settings, storage)
+    metrics, rows = score_rows(rows, settings.seed)
+    ranked = retrieval(checkpoint_uri, features_uri, records_uri, storage)
+    if ranked is not None:
+        metrics["retrieval"] = ranked
+    run = {
+        "checkpoint": checkpoint_uri,
+        "features": features_uri,
+        "records": records_uri,
+        "records_without_features": join_report.unmatched,
+        "frames": cfg.data.decode.num_frames,
+        "audio_segments": cfg.data.decode.num_segments,
+        "decoding": {"greedy": True, "max_new_tokens": settings.max_new_tokens},
+        "zero_audio": settings.zero_audio,
+        "prompt": "the record's question, as the user turn "
+        "of the LLM's chat template with <video> before it (damo.model.llm.PromptBuilder)",
+        "parser": "damo.eval.parse.parse_span",
+        "code_version": code_version(),
+        "seconds": round(time.monotonic() - started, 1),
+        **settings.notes,
+    }
+    result = {"run": run, "metrics": metrics}
+    storage.ensure_bucket(out_uri)
+    storage.write_bytes(join(out_uri, "metrics.json"), json.dumps(result, indent=2).encode())
+    lines = "".join(json.dumps({k: v for k, v in r.items()}, default=str) + "\n" for r in rows)
+    storage.write_bytes(join(out_uri, "predictions.jsonl"), lines.encode())
+    qvh = [r for r in rows if r["task"] == "grounding" and "qid" in json.loads(r["extra"])]
+    if qvh:
+        write_qvhighlights_submission(
+            [
+                {
+                    "qid": json.loads(r["extra"])["qid"],
+                    "query": r["query"],
+                    "vid": r["video_uri"],
+                    "pred_relevant_windows": [[*r["pred_span"], 1.0]]
+                    if r.get("pred_span")
+                    else [[0.0, 0.0, 0.0]],
+                }
+                for r in qvh
+            ],
+            join(out_uri, "qvhighlights_submission.jsonl"),
+            storage,
+        )
+    write_report(result, rows, out_uri, storage, settings.plots)
+    return result
