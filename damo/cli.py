@@ -139,11 +139,21 @@ def storage_status(
 # ---- demo -----------------------------------------------------------------------------------
 @app.command("demo")
 @friendly_errors
-def demo_command(config: ConfigName = None, overrides: Overrides = None) -> None:
-    """Run the end-to-end demo on a local embedded S3 server."""
+def demo_command(
+    config: Annotated[str, typer.Option("--config", "-c", help="Named config or YAML.")] = "tiny",
+    overrides: Overrides = None,
+    size: Annotated[
+        str, typer.Option(help="full (make demo) or smoke (a minutes-long CI run).")
+    ] = "full",
+    keep: Annotated[Path, typer.Option(help="Where the server data and report stay.")] = Path(
+        ".damo/demo"
+    ),
+) -> None:
+    """Run the whole pipeline on an embedded S3 server: backbones, world, features, four
+    training stages, evaluation; print the metrics and where the report is."""
     from damo.demo import run_demo
 
-    ok = run_demo(load_config(config, overrides or []), console)
+    ok = run_demo(load_config(config, overrides or []), console, size=size, keep=keep)
     raise typer.Exit(code=0 if ok else 1)
 
 
@@ -464,3 +474,43 @@ def train_status(
         err_console.print(f"[bold red]error:[/] no run '{escape(run_id)}' under {escape(run)}")
         raise typer.Exit(code=1)
     _print_manifest(manifest)
+
+
+@eval_app.command("run")
+@friendly_errors
+def eval_run(
+    checkpoint: Annotated[str, typer.Option(help="Checkpoint URI (a training checkpoint).")],
+    out: Annotated[str, typer.Option(help="Where the report, metrics and predictions go.")],
+    split: Annotated[str, typer.Option(help="Records split to evaluate.")] = "test",
+    config: ConfigName = None,
+    overrides: Overrides = None,
+    features: Annotated[
+        str | None, typer.Option(help="Feature shards (default: train.data.features).")
+    ] = None,
+    records: Annotated[
+        str | None, typer.Option(help="Records prefix (default: train.data.records).")
+    ] = None,
+    max_new_tokens: Annotated[int, typer.Option(min=1)] = 24,
+    batch_size: Annotated[int, typer.Option(min=1)] = 8,
+    actors: Annotated[int, typer.Option(min=1, help="Model replicas answering in parallel.")] = 1,
+    zero_audio: Annotated[
+        bool, typer.Option(help="Ablation: zero the audio features at inference.")
+    ] = False,
+) -> None:
+    """Answer every grounding/QA record of a split with greedy decoding; score and report."""
+    from damo.data.extract import connect_ray
+    from damo.eval.batch import EvalSettings, evaluate_checkpoint
+    from damo.eval.report import metrics_table
+    from damo.media.storage import join
+
+    cfg = load_config(config, overrides or [])
+    records_uri = join(records or cfg.train.data.records, f"{split}.parquet")
+    connect_ray(cfg)
+    settings = EvalSettings(
+        max_new_tokens=max_new_tokens, batch_size=batch_size, actors=actors, zero_audio=zero_audio
+    )
+    result = evaluate_checkpoint(
+        cfg, checkpoint, features or cfg.train.data.features, records_uri, out, settings
+    )
+    console.print(metrics_table(result["metrics"]), markup=False, highlight=False)
+    console.print(f"report: {join(out, 'report.md')}")
