@@ -43,6 +43,17 @@ def s3_storage(s3_server):
     return storage
 
 
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """Tiny models gain nothing from intra-op threads, and on a shared machine they thrash."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="session")
 def ray_cluster():
     """The one local Ray cluster of a test session (2 CPUs, small object store)."""

@@ -61,8 +61,8 @@ def test_parse_time():
     assert parse_time("01:01:15") == 3675.0
 
 
-def test_parses_what_the_synthetic_world_writes():
-    from damo.data.synthetic import fmt_span
+def test_parses_what_the_records_write():
+    from damo.data.records import fmt_span
 
     for start, end in ((0.0, 2.5), (12.5, 20.0), (3.0, 29.5)):
         assert parse_span(f"It happens {fmt_span(start, end)}.", duration=30.0) == (start, end)

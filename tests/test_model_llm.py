@@ -10,14 +10,7 @@ from damo.model.damo import DamoModel, random_video
 from damo.model.llm import IGNORE_INDEX, splice_video
 from damo.model.video import VideoFeatures
 
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models gain nothing from intra-op threads, and on a shared machine they thrash."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")

@@ -12,14 +12,7 @@ from damo.model.accounting import compression_ratio, conv_length, token_steps
 from damo.model.backbones import FrozenEncoders, vision_geometry
 from damo.model.damo import DamoModel, random_video
 
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models gain nothing from intra-op threads, and on a shared machine they thrash."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _expected(cfg):

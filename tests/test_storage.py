@@ -224,3 +224,13 @@ def test_is_allowed_local_paths(tmp_path):
     assert not is_allowed("s3://bucket/x.mp4", prefixes)
     assert not is_allowed("gopher://x/y", prefixes)
     assert not is_allowed("file:///etc/passwd", [])
+
+
+def test_directory_markers_are_not_listed_or_fetched(s3_storage, tmp_path):
+    root = f"s3://damo-test/{uuid.uuid4().hex}"
+    fs, path = s3_storage.pyarrow_filesystem(root + "/dir")
+    fs.create_dir(path)  # writes the marker object "dir/"
+    s3_storage.write_bytes(root + "/dir/file.txt", b"x")
+    assert s3_storage.list(root + "/") == [root + "/dir/file.txt"]
+    local = s3_storage.fetch_dir(root + "/dir", cache_root=tmp_path)
+    assert (local / "file.txt").read_bytes() == b"x"

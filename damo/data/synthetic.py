@@ -29,7 +29,7 @@ from tqdm import tqdm
 
 from damo.config.data import SyntheticConfig
 from damo.config.schema import S3Config
-from damo.data.records import make_record, read_records, write_records
+from damo.data.records import fmt_span, make_record, read_records, write_records
 from damo.media.encode import encode_mp4
 from damo.media.storage import Storage, join
 
@@ -62,15 +62,6 @@ BACKGROUND = (24, 24, 32)
 SPLIT_OF_INDEX = {8: "val", 9: "test"}  # index % 10; every other index trains
 
 TASKS = ("caption", "qa", "grounding", "temporal_qa", "dialogue")
-
-
-def fmt_time(seconds: float) -> str:
-    """Seconds with one decimal, the one timestamp format used in text (DESIGN §3.7)."""
-    return f"{seconds:.1f}"
-
-
-def fmt_span(start: float, end: float) -> str:
-    return f"from {fmt_time(start)} to {fmt_time(end)} seconds"
 
 
 @dataclass(frozen=True)

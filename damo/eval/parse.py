@@ -1,6 +1,6 @@
 """Turn a model's answer text back into a time span in seconds.
 
-The model is trained to answer "from 12.5 to 20.0 seconds" (`damo.data.synthetic.fmt_span`),
+The model is trained to answer "from 12.5 to 20.0 seconds" (`damo.data.records.fmt_span`),
 but evaluation must be fair to any model, so the parser also reads "12.5 - 20", "between 3 and
 7 s", clock times (HH:MM:SS, MM:SS, with optional fractions) and reversed pairs. Text without two
 times joined by a range word is unparsable: `parse_span` returns None, and the metrics count it

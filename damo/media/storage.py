@@ -353,7 +353,12 @@ class Storage:
         try:
             paginator = self.client.get_paginator("list_objects_v2")
             for page in paginator.paginate(Bucket=loc.bucket, Prefix=loc.key):
-                out.extend(f"s3://{loc.bucket}/{obj['Key']}" for obj in page.get("Contents", []))
+                out.extend(
+                    f"s3://{loc.bucket}/{obj['Key']}"
+                    for obj in page.get("Contents", [])
+                    # zero-byte "directory" markers (pyarrow's create_dir writes them) are no files
+                    if not obj["Key"].endswith("/")
+                )
         except Exception as err:
             raise self._s3_error(loc, err) from err
         return sorted(out)
