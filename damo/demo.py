@@ -34,7 +34,7 @@ class DemoSize:
     def named(cls, name: str) -> DemoSize:
         sizes = {
             "full": cls(clips=60, lm_steps=300, max_steps=None),
-            "smoke": cls(clips=10, lm_steps=30, max_steps=2),
+            "smoke": cls(clips=20, lm_steps=30, max_steps=2),
         }
         if name not in sizes:
             raise ValueError(f"unknown demo size {name!r} (known: {', '.join(sizes)})")
