@@ -19,6 +19,24 @@ from pathlib import Path
 CACHE = Path(os.environ.get("DAMO_BENCH_CACHE", "/tmp/damo-bench"))
 
 
+# Random-weight encoders of real sizes: compute per clip as with pretrained ones.
+BASE = [
+    "model.vision.arch={hidden_size: 768, intermediate_size: 3072, num_hidden_layers: 12, "
+    "num_attention_heads: 12, image_size: 224, patch_size: 16, projection_dim: 512}",
+    "model.audio.arch={d_model: 512, encoder_layers: 6, encoder_attention_heads: 8, "
+    "encoder_ffn_dim: 2048, decoder_layers: 1, decoder_attention_heads: 8, decoder_ffn_dim: 512, "
+    "num_mel_bins: 80, max_source_positions: 1500, vocab_size: 64, pad_token_id: 0, "
+    "bos_token_id: 1, eos_token_id: 2, decoder_start_token_id: 1}",
+    "model.audio.segment_seconds=2.0",
+    "model.frames=24",
+    "model.audio_segments=8",
+    "data.decode.num_frames=24",
+    "data.decode.num_segments=8",
+    "data.decode.image_size=224",
+]
+SIZES = {"tiny": [], "base": BASE}
+
+
 def tiny_config(backbones: Path, extra: list[str]):
     from damo.config import load_config
 
@@ -29,15 +47,17 @@ def tiny_config(backbones: Path, extra: list[str]):
     return load_config("tiny", [*overrides, *extra])
 
 
-def prepare(clips: int) -> tuple[Path, list[str]]:
+def prepare(clips: int, size: str = "tiny") -> tuple[Path, list[str]]:
     from damo.config.data import SyntheticConfig
     from damo.data.backbones import build_tiny_backbones
     from damo.data.synthetic import generate_world
     from damo.media.storage import Storage
 
-    backbones = CACHE / "tiny-backbones"
+    backbones = CACHE / f"{size}-backbones"
     if not (backbones / "llm" / "config.json").exists():
-        build_tiny_backbones(backbones, steps=50)
+        from damo.config import load_config
+
+        build_tiny_backbones(backbones, load_config("tiny", SIZES[size]).model, steps=50)
     world = CACHE / f"world-{clips}"
     settings = SyntheticConfig(num_clips=clips, seed=11, min_duration_s=6.0, max_duration_s=20.0)
     generate_world(str(world), Storage(), settings, progress=False)
@@ -77,35 +97,37 @@ def main() -> None:
     parser.add_argument("--clips", type=int, default=48)
     parser.add_argument("--batch-size", type=int, default=4)
     parser.add_argument("--actors", type=int, default=2)
-    parser.add_argument("--out", default="benchmarks/results_extract.json")
+    parser.add_argument("--size", choices=sorted(SIZES), default="tiny")
+    parser.add_argument("--skip-loop", action="store_true", help="time Ray Data only")
+    parser.add_argument("--out", default=None, help="default: benchmarks/results_extract_SIZE")
     args = parser.parse_args()
     os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")
 
-    backbones, uris = prepare(args.clips)
-    cfg = tiny_config(backbones, ["ray.num_cpus=2", "ray.object_store_memory_mb=512"])
-    loop_s = bench_loop(cfg, uris, args.batch_size)
+    backbones, uris = prepare(args.clips, args.size)
+    cfg = tiny_config(
+        backbones, ["ray.num_cpus=2", "ray.object_store_memory_mb=512", *SIZES[args.size]]
+    )
+    loop_s = None if args.skip_loop else bench_loop(cfg, uris, args.batch_size)
 
     from damo.data.extract import connect_ray
 
     connect_ray(cfg)  # cluster start-up is not timed
     ray_s = bench_ray(cfg, uris, args.batch_size, args.actors)
     results = {
+        "size": args.size,
         "clips": len(uris),
         "batch_size": args.batch_size,
         "actors": args.actors,
         "cpus": os.cpu_count(),
         "loop_s": loop_s,
         "ray_s": ray_s,
-        "loop_clips_per_s": len(uris) / loop_s,
+        "loop_clips_per_s": len(uris) / loop_s if loop_s else None,
         "ray_clips_per_s": len(uris) / ray_s,
-        "speedup": loop_s / ray_s,
+        "speedup": loop_s / ray_s if loop_s else None,
     }
-    Path(args.out).write_text(json.dumps(results, indent=2) + "\n")
-    print(
-        f"{len(uris)} clips: loop {loop_s:.1f}s ({results['loop_clips_per_s']:.2f} clips/s), "
-        f"Ray Data x{args.actors} actors {ray_s:.1f}s ({results['ray_clips_per_s']:.2f} "
-        f"clips/s): {results['speedup']:.2f}x"
-    )
+    out = args.out or f"benchmarks/results_extract_{args.size}.json"
+    Path(out).write_text(json.dumps(results, indent=2) + "\n")
+    print(json.dumps(results, indent=2))
 
 
 if __name__ == "__main__":
