@@ -155,14 +155,24 @@ def train_loop_per_worker(config: dict) -> None:
         return {k: v.to(device) for k, v in batch.items()}
 
     def validate() -> float:
+        """Mean loss per answer token (LM) or per example (alignment) over the whole split.
+
+        Weighting makes it independent of how rows fall into batches and onto workers; a mean
+        of batch means lets a last batch of 2 count as much as a full one.
+        """
         model.eval()
         total, count = torch.zeros((), device=device), torch.zeros((), device=device)
         with torch.no_grad(), autocast:
             for batch in val_shard.iter_torch_batches(
                 batch_size=spec.batch_size, collate_fn=collate
             ):
-                total += model(to_device(batch), stage)["loss"].float()
-                count += 1
+                batch = to_device(batch)
+                if spec.objective == "lm":  # the loss averages over the shifted answer tokens
+                    weight = (batch["labels"][:, 1:] != -100).sum()
+                else:
+                    weight = torch.tensor(batch["visual"].shape[0], device=device)
+                total += model(batch, stage)["loss"].float() * weight
+                count += weight
         if world > 1:
             torch.distributed.all_reduce(total)
             torch.distributed.all_reduce(count)
