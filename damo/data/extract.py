@@ -26,7 +26,7 @@ import numpy as np
 from damo.config import DamoConfig, config_hash
 from damo.config.schema import S3Config
 from damo.media.decode import (
-    _STORAGE_REASONS,
+    STORAGE_REASONS,
     DecodedClip,
     MediaError,
     MediaReason,
@@ -93,7 +93,7 @@ def plan(storage: Storage, uris: list[str], output_uri: str, cfg_hash: str):
         except StorageError as err:
             key = item_key(uri, None, err.reason.value, cfg_hash)
             if key not in done:
-                reason = _STORAGE_REASONS.get(err.reason, MediaReason.STORAGE)
+                reason = STORAGE_REASONS.get(err.reason, MediaReason.STORAGE)
                 stat_errors.append(_error_row(key, MediaError(uri, reason, str(err))))
             else:
                 skipped += 1

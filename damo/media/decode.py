@@ -121,7 +121,7 @@ class DecodedClip:
 
 
 # ---- opening -------------------------------------------------------------------------------
-_STORAGE_REASONS = {
+STORAGE_REASONS = {
     Reason.NOT_FOUND: MediaReason.NOT_FOUND,
     Reason.NO_BUCKET: MediaReason.NOT_FOUND,
     Reason.PERMISSION: MediaReason.ACCESS_DENIED,
@@ -203,7 +203,7 @@ def _read_source(
         data = storage.read_bytes(uri)
         return io.BytesIO(data), len(data), data[:16]
     except StorageError as err:
-        reason = _STORAGE_REASONS.get(err.reason, MediaReason.STORAGE)
+        reason = STORAGE_REASONS.get(err.reason, MediaReason.STORAGE)
         raise MediaFailure(reason, f"cannot read {uri}: {err.reason.value}: {err.detail}") from err
 
 
