@@ -112,6 +112,34 @@ def clip_spans(
 
 
 # ---- tables and files ------------------------------------------------------------------------
+def grounding_record(
+    record_id: str,
+    video_id: str,
+    video_uri_template: str | None,
+    duration: float | None,
+    sentence: str,
+    span,
+    source: str,
+    split: str,
+) -> dict[str, Any]:
+    """One grounding query of a dataset: its span clipped to the video, the answer text, and
+    the parts of the span that fell outside the video noted in `extra`."""
+    spans, dropped = clip_spans([span], duration)
+    return make_record(
+        id=record_id,
+        video_id=video_id,
+        video_uri=video_uri_template.format(video_id=video_id) if video_uri_template else None,
+        duration=duration,
+        task="grounding",
+        query=sentence.strip(),
+        answer=f"{fmt_span(*spans[0])}." if spans else "",
+        spans=spans,
+        source=source,
+        split=split,
+        extra={"dropped_spans": dropped} if dropped else {},
+    )
+
+
 def records_to_table(records: Iterable[dict[str, Any]]) -> pa.Table:
     return pa.Table.from_pylist(list(records), schema=RECORD_SCHEMA)
 
@@ -163,23 +191,16 @@ def parse_charades_sta(
         except ValueError as err:
             raise RecordFormatError(f"{name}:{number}: bad times in {line!r}") from err
         duration = (durations or {}).get(video_id)
-        spans, dropped = clip_spans([span], duration)
-        query = sentence.strip()
         records.append(
-            make_record(
-                id=f"charades_sta-{split}-{number}",
-                video_id=video_id,
-                video_uri=video_uri_template.format(video_id=video_id)
-                if video_uri_template
-                else None,
-                duration=duration,
-                task="grounding",
-                query=query,
-                answer=f"{fmt_span(*spans[0])}." if spans else "",
-                spans=spans,
-                source="charades_sta",
-                split=split,
-                extra={"dropped_spans": dropped} if dropped else {},
+            grounding_record(
+                f"charades_sta-{split}-{number}",
+                video_id,
+                video_uri_template,
+                duration,
+                sentence,
+                span,
+                "charades_sta",
+                split,
             )
         )
     return records
@@ -297,22 +318,16 @@ def parse_activitynet(
         except (KeyError, TypeError, ValueError) as err:
             raise RecordFormatError(f"{name}: {video_id}: bad entry: {err}") from err
         for n, (span, sentence) in enumerate(pairs):
-            spans, dropped = clip_spans([span], duration)
             records.append(
-                make_record(
-                    id=f"activitynet-{split}-{video_id}-{n}",
-                    video_id=video_id,
-                    video_uri=video_uri_template.format(video_id=video_id)
-                    if video_uri_template
-                    else None,
-                    duration=duration,
-                    task="grounding",
-                    query=sentence.strip(),
-                    answer=f"{fmt_span(*spans[0])}." if spans else "",
-                    spans=spans,
-                    source="activitynet",
-                    split=split,
-                    extra={"dropped_spans": dropped} if dropped else {},
+                grounding_record(
+                    f"activitynet-{split}-{video_id}-{n}",
+                    video_id,
+                    video_uri_template,
+                    duration,
+                    sentence,
+                    span,
+                    "activitynet",
+                    split,
                 )
             )
     return records
