@@ -25,9 +25,7 @@ def s3_tiny_config(backbones, s3_server, extra=()):
 
 
 def read_table(storage, uri):
-    files = [u for u in storage.list(uri + "/") if u.endswith(".parquet")]
-    fs, _ = storage.pyarrow_filesystem(uri)
-    paths = [storage.pyarrow_filesystem(u)[1] for u in files]
+    fs, paths = storage.parquet_files(uri)
     return pads.dataset(paths, filesystem=fs, format="parquet").to_table()
 
 

@@ -71,14 +71,10 @@ def _done_keys(storage: Storage, output_uri: str) -> set[str]:
 
     keys: set[str] = set()
     for sub in (FEATURES_DIR, ERRORS_DIR):
-        prefix = join(output_uri, sub)
-        files = [u for u in storage.list(prefix + "/") if u.endswith(".parquet")]
-        if not files:
-            continue
-        fs, _ = storage.pyarrow_filesystem(prefix)
-        paths = [storage.pyarrow_filesystem(u)[1] for u in files]
-        table = pads.dataset(paths, filesystem=fs, format="parquet").to_table(columns=["key"])
-        keys.update(table.column("key").to_pylist())
+        fs, paths = storage.parquet_files(join(output_uri, sub))
+        if paths:
+            table = pads.dataset(paths, filesystem=fs, format="parquet").to_table(columns=["key"])
+            keys.update(table.column("key").to_pylist())
     return keys
 
 

@@ -54,13 +54,12 @@ def conversation(record: dict) -> list[dict]:
     ]
 
 
-def feature_files(features_uri: str, storage: Storage) -> list[str]:
-    files = [
-        u for u in storage.list(join(features_uri, "features") + "/") if u.endswith(".parquet")
-    ]
-    if not files:
+def feature_files(features_uri: str, storage: Storage):
+    """(filesystem, paths) of the feature shards of an extraction output; an error if none."""
+    fs, paths = storage.parquet_files(join(features_uri, "features"))
+    if not paths:
         raise FileNotFoundError(f"no feature shards under {features_uri}/features")
-    return files
+    return fs, paths
 
 
 def stage_records(records: pa.Table, tasks: tuple[str, ...], split: str | None) -> dict[str, list]:
@@ -100,9 +99,7 @@ def training_dataset(
     import pyarrow.dataset as pads
     import ray
 
-    files = feature_files(features_uri, storage)
-    fs, _ = storage.pyarrow_filesystem(files[0])
-    paths = [storage.pyarrow_filesystem(u)[1] for u in files]
+    fs, paths = feature_files(features_uri, storage)
     by_video = stage_records(read_records(records_uri, storage), tasks, split)
     available = set(
         pads.dataset(paths, filesystem=fs, format="parquet")
@@ -132,9 +129,7 @@ def read_feature_table(features_uri: str, storage: Storage) -> pa.Table:
     import pyarrow.dataset as pads
     import ray.data  # noqa: F401  registers Ray's tensor extension types with pyarrow
 
-    files = feature_files(features_uri, storage)
-    fs, _ = storage.pyarrow_filesystem(files[0])
-    paths = [storage.pyarrow_filesystem(u)[1] for u in files]
+    fs, paths = feature_files(features_uri, storage)
     return pads.dataset(paths, filesystem=fs, format="parquet").to_table()
 
 

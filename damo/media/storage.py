@@ -436,7 +436,23 @@ class Storage:
             connect_timeout=self.s3.connect_timeout_s,
             request_timeout=self.s3.read_timeout_s,
         )
-        return fs, f"{loc.bucket}/{loc.key}".rstrip("/")
+        return fs, fs_path(uri)
+
+    def parquet_files(self, prefix_uri: str) -> tuple[pyarrow.fs.FileSystem, list[str]]:
+        """(filesystem, paths in it) of every Parquet file under a prefix; no paths if none.
+
+        One filesystem serves all the files, for `pyarrow.dataset` and `ray.data.read_parquet`.
+        """
+        fs, _ = self.pyarrow_filesystem(prefix_uri)
+        prefix = prefix_uri.rstrip("/") + "/"
+        paths = [fs_path(uri) for uri in self.list(prefix) if uri.endswith(".parquet")]
+        return fs, paths
+
+
+def fs_path(uri: str) -> str:
+    """A URI as a path in its pyarrow filesystem: local paths as they are, "bucket/key" on S3."""
+    loc = parse_uri(uri)
+    return loc.path if loc.scheme == "file" else f"{loc.bucket}/{loc.key}".rstrip("/")
 
 
 def is_allowed(uri: str, prefixes: list[str]) -> bool:
