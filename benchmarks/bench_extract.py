@@ -40,11 +40,8 @@ SIZES = {"tiny": [], "base": BASE}
 def tiny_config(backbones: Path, extra: list[str]):
     from damo.config import load_config
 
-    overrides = [
-        f"model.{name}.path={backbones / name}"
-        for name in ("vision", "audio", "text_encoder", "llm")
-    ]
-    return load_config("tiny", [*overrides, *extra])
+    cfg = load_config("tiny", list(extra))
+    return cfg.model_copy(update={"model": cfg.model.with_backbones_at(str(backbones))})
 
 
 def prepare(clips: int, size: str = "tiny") -> tuple[Path, list[str]]:

@@ -87,11 +87,8 @@ def tiny_config(backbones: Path, extra: tuple[str, ...] = ()):
     """The tiny preset with its backbones at a local dir (and any extra overrides)."""
     from damo.config import load_config
 
-    overrides = [
-        f"model.{name}.path={backbones / name}"
-        for name in ("vision", "audio", "text_encoder", "llm")
-    ]
-    return load_config("tiny", [*overrides, *extra])
+    cfg = load_config("tiny", list(extra))
+    return cfg.model_copy(update={"model": cfg.model.with_backbones_at(str(backbones))})
 
 
 @pytest.fixture(scope="session")
