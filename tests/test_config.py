@@ -120,6 +120,6 @@ def test_defaults_without_a_file():
 
 def test_frame_counts_of_model_and_decoding_must_agree():
     with pytest.raises(ConfigError) as err:
-        load_config("tiny", ["data.decode.num_frames=16"])
-    assert "model.frames (8) must equal data.decode.num_frames (16)" in str(err.value)
-    assert load_config("tiny", ["data.decode.num_frames=16", "model.frames=16"]).model.frames == 16
+        load_config("tiny", ["data.decode.num_frames=24"])
+    assert "model.frames (16) must equal data.decode.num_frames (24)" in str(err.value)
+    assert load_config("tiny", ["data.decode.num_frames=24", "model.frames=24"]).model.frames == 24

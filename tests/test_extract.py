@@ -7,9 +7,13 @@ import pyarrow.dataset as pads
 import pytest
 from conftest import tiny_config
 
+from damo.config import load_config
 from damo.data.badmedia import build_media_corpus
 from damo.data.extract import ERRORS_DIR, FEATURES_DIR, extract_features
 from damo.media.storage import join
+
+TINY = load_config("tiny").data.decode
+FRAMES, SEGMENTS = TINY.num_frames, TINY.num_segments
 
 
 def s3_tiny_config(backbones, s3_server, extra=()):
@@ -78,12 +82,12 @@ def test_every_input_is_a_feature_row_or_an_error_row(corpus, first_run, s3_stor
     assert rows["good_av.mp4"]["has_audio"] is True
     for row in rows.values():
         times = np.asarray(row["frame_times"])
-        assert times.shape == (8,) and np.all(np.diff(times) > 0)
+        assert times.shape == (FRAMES,) and np.all(np.diff(times) > 0)
         assert times[0] >= 0 and times[-1] <= row["duration"]
         visual = np.asarray(row["visual_features"])
         audio = np.asarray(row["audio_features"])
-        assert visual.shape == (8, 17, 32)  # 8 frames x (CLS + 16 patches) x width 32
-        assert audio.shape == (4, 50, 32)  # 4 segments x 50 tokens (1 s) x width 32
+        assert visual.shape == (FRAMES, 17, 32)  # frames x (CLS + 16 patches) x width 32
+        assert audio.shape == (SEGMENTS, 50, 32)  # segments x 50 tokens (1 s) x width 32
         assert np.isfinite(visual).all() and np.abs(visual).sum() > 0
         assert row["config_hash"] == summary.feature_config_hash
         assert row["vision_encoder"].endswith("vision")

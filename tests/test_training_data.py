@@ -51,9 +51,10 @@ def test_each_stage_yields_batches_the_model_trains_on(stage, tiny_world, tiny_f
     objective = model.cfg.stages.get(stage).objective
     collate = StageCollator(objective, model.prompt_builder, model.tokenize_text)
     batch = next(iter(dataset.iter_torch_batches(batch_size=4, collate_fn=collate)))
-    assert batch["visual"].shape == (4, 8, 17, 32)
-    assert batch["audio"].shape == (4, 4, 50, 32)
-    assert batch["visual_times"].shape == (4, 8) and batch["audio_mask"].dtype == torch.bool
+    frames, segments = model.cfg.frames, model.cfg.audio_segments  # tiny: 16 and 16
+    assert batch["visual"].shape == (4, frames, 17, 32)
+    assert batch["audio"].shape == (4, segments, 50, 32)
+    assert batch["visual_times"].shape == (4, frames) and batch["audio_mask"].dtype == torch.bool
     if objective == "lm":
         answer_tokens = (batch["labels"] != -100).sum(dim=1)
         assert (answer_tokens > 0).all()  # every example has something to learn
