@@ -120,10 +120,13 @@ def score_rows(rows: list[dict], seed: int = 0) -> tuple[dict, list[dict]]:
         durations = [r["duration"] for r in grounding]
         starts = rng.uniform(0, 1, len(grounding)) * np.array(durations)
         ends = starts + rng.uniform(0, 1, len(grounding)) * (np.array(durations) - starts)
+        predictions = {
+            "model": pred,
+            "baseline_whole_clip": [(0.0, d) for d in durations],
+            "baseline_random_span": list(zip(starts, ends, strict=True)),
+        }
         metrics["grounding"] = {
-            "model": grounding_metrics(pred, gt),
-            "baseline_whole_clip": grounding_metrics([(0.0, d) for d in durations], gt),
-            "baseline_random_span": grounding_metrics(list(zip(starts, ends, strict=True)), gt),
+            name: grounding_metrics(spans, gt) for name, spans in predictions.items()
         }
         by_modality: dict[str, list[int]] = {}
         for i, row in enumerate(grounding):
@@ -131,9 +134,11 @@ def score_rows(rows: list[dict], seed: int = 0) -> tuple[dict, list[dict]]:
             if modality:
                 by_modality.setdefault(modality, []).append(i)
         for modality, index in sorted(by_modality.items()):
-            metrics["grounding"][
-                f"model/{modality}_only" if modality != "both" else "model/audio_visual"
-            ] = grounding_metrics([pred[i] for i in index], [gt[i] for i in index])
+            subset = f"{modality}_only" if modality != "both" else "audio_visual"
+            for name, spans in predictions.items():
+                metrics["grounding"][f"{name}/{subset}"] = grounding_metrics(
+                    [spans[i] for i in index], [gt[i] for i in index]
+                )
     for task in ("qa", "temporal_qa"):
         subset = [r for r in rows if r["task"] == task]
         if not subset:
