@@ -49,10 +49,15 @@ def test_evaluate_a_split(
     whole = metrics["grounding"]["baseline_whole_clip"]
     assert whole["unparsable"] == 0 and 0 < whole["mIoU"] <= 100
     assert {"model/visual_only", "model/audio_only"} <= set(metrics["grounding"])
+    assert {"baseline_whole_clip/audio_only", "baseline_random_span/audio_only"} <= set(
+        metrics["grounding"]
+    )
     assert metrics["retrieval"]["model"]["candidates"] == len({r["video_uri"] for r in rows})
     saved = json.loads((out / "metrics.json").read_text())
     assert saved["run"]["zero_audio"] is zero_audio
-    assert saved["run"]["frames"] == 8 and saved["run"]["decoding"]["greedy"] is True
+    assert saved["run"]["frames"] == cfg.data.decode.num_frames == 16
+    assert saved["run"]["audio_segments"] == cfg.data.decode.num_segments == 16
+    assert saved["run"]["decoding"]["greedy"] is True
     report = (out / "report.md").read_text()
     assert "| baseline_whole_clip |" in report and str(checkpoint) in report
     assert len(list((out / "plots").glob("timeline_*.png"))) == 2
