@@ -49,7 +49,7 @@ RECIPE = [
     "train.scaling.num_workers=1",
     "ray.num_cpus=2",
 ]
-BARS = {  # (metric path, threshold, higher is better)
+BARS = {  # metric path in the 4-stage metrics, threshold (higher is better)
     "grounding mIoU": (("grounding", "model", "mIoU"), 50.0),
     "grounding R1@0.5": (("grounding", "model", "R1@0.5"), 50.0),
     "audio-only R1@0.5": (("grounding", "model/audio_only", "R1@0.5"), 40.0),
@@ -108,11 +108,16 @@ def markdown(results: dict) -> str:
     return "\n".join(lines)
 
 
+def stage_summary(manifest: dict) -> dict[str, dict]:
+    """Stage -> its training metrics and wall seconds, from a run's manifest."""
+    return {k: v["metrics"] | {"wall_s": v["wall_s"]} for k, v in manifest["stages"].items()}
+
+
 def bars(results: dict) -> dict[str, dict]:
     """Each bar of the issue: the measured value, the threshold and whether it holds."""
     full = results["variants"]["4 stages"]["metrics"]
     out = {
-        name: {"value": dig(full, path), "threshold": threshold}
+        name: {"value": dig(full, path), "threshold": threshold, "lower_is_better": False}
         for name, (path, threshold) in BARS.items()
     }
     zeroed = dig(
@@ -123,19 +128,20 @@ def bars(results: dict) -> dict[str, dict]:
     out["audio-only R1@0.5 with audio zeroed <= half"] = {
         "value": zeroed,
         "threshold": None if audio is None else audio / 2,
+        "lower_is_better": True,
     }
     retrieval = results["stage1_retrieval"]["model"]
     out["stage-1 retrieval R@1 (>= 50 candidates)"] = {
         "value": retrieval["R@1"] if retrieval["candidates"] >= 50 else None,
         "threshold": 50.0,
+        "lower_is_better": False,
     }
-    for name, bar in out.items():
+    for bar in out.values():
         value, threshold = bar["value"], bar["threshold"]
-        lower_is_better = name.endswith("<= half")
         bar["met"] = (
             value is not None
             and threshold is not None
-            and (value <= threshold if lower_is_better else value >= threshold)
+            and (value <= threshold if bar["lower_is_better"] else value >= threshold)
         )
     return out
 
@@ -163,7 +169,7 @@ def main() -> None:
     from damo.data.backbones import make_tiny_backbones
     from damo.data.extract import connect_ray, extract_features, video_uris
     from damo.data.synthetic import generate_world
-    from damo.demo import BUCKET, DemoSize, demo_config
+    from damo.demo import BUCKET, DemoSize, demo_config, timed_step
     from damo.eval.batch import EvalSettings, evaluate_checkpoint, retrieval
     from damo.media.s3server import EmbeddedS3Server
     from damo.media.storage import Storage, join
@@ -174,12 +180,7 @@ def main() -> None:
     timings: dict[str, float] = {}
 
     def timed(name: str, work):
-        console.rule(name)
-        begin = time.monotonic()
-        result = work()
-        timings[name] = round(time.monotonic() - begin, 1)
-        console.print(f"{name}: {timings[name]}s")
-        return result
+        return timed_step(console, timings, name, work)
 
     overrides = [*RECIPE, *args.set]
     base = load_config("tiny", overrides)
@@ -264,14 +265,7 @@ def main() -> None:
         "overrides": overrides,
         "cpus": os.cpu_count(),
         "run_id": run_id,
-        "training": {
-            "4 stages": {
-                k: v["metrics"] | {"wall_s": v["wall_s"]} for k, v in full["stages"].items()
-            },
-            "stage 3 skipped": {
-                k: v["metrics"] | {"wall_s": v["wall_s"]} for k, v in skip3["stages"].items()
-            },
-        },
+        "training": {"4 stages": stage_summary(full), "stage 3 skipped": stage_summary(skip3)},
         "variants": evaluated,
         "stage1_retrieval": ranked,
         "timings_s": timings,

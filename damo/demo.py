@@ -41,7 +41,8 @@ class DemoSize:
         return sizes[name]
 
 
-def _step(console: Console, timings: dict, name: str, work: Callable):
+def timed_step(console: Console, timings: dict, name: str, work: Callable):
+    """Run one named step under a rule; its seconds go into `timings[name]`."""
     console.rule(f"[bold]{name}")
     started = time.monotonic()
     result = work()
@@ -101,7 +102,7 @@ def run_demo(
         storage = Storage(cfg.storage.s3)
         storage.ensure_bucket(BUCKET)
         try:
-            _step(
+            timed_step(
                 console,
                 timings,
                 "tiny backbones",
@@ -115,7 +116,7 @@ def run_demo(
             )
             world = join(BUCKET, "world")
             settings = cfg.data.synthetic.model_copy(update={"num_clips": demo_size.clips})
-            _step(
+            timed_step(
                 console,
                 timings,
                 "synthetic world",
@@ -124,7 +125,7 @@ def run_demo(
                 ),
             )
             connect_ray(cfg)
-            extracted = _step(
+            extracted = timed_step(
                 console,
                 timings,
                 "feature extraction",
@@ -137,7 +138,7 @@ def run_demo(
             )
             console.print(f"  {extracted.ok} clips with features, errors: {extracted.errors}")
             run_id = time.strftime("demo-%Y%m%d-%H%M%S")
-            manifest = _step(
+            manifest = timed_step(
                 console,
                 timings,
                 "training (4 stages)",
@@ -145,7 +146,7 @@ def run_demo(
             )
             checkpoint = manifest["stages"]["4"]["checkpoint"]
             eval_uri = join(BUCKET, "eval", run_id)
-            result = _step(
+            result = timed_step(
                 console,
                 timings,
                 "evaluation",
