@@ -48,7 +48,7 @@ def prepare(clips: int, size: str = "tiny") -> tuple[Path, list[str]]:
     from damo.config.data import SyntheticConfig
     from damo.data.backbones import build_tiny_backbones
     from damo.data.synthetic import generate_world
-    from damo.media.storage import Storage
+    from damo.storage import Storage
 
     backbones = CACHE / f"{size}-backbones"
     if not (backbones / "llm" / "config.json").exists():

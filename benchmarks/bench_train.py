@@ -62,7 +62,7 @@ def step_loop(cfg, table, steps: int, batch_size: int, on_the_fly: bool) -> floa
 
 
 def ray_train_rate(cfg, world: Path, features: Path, workers: int, steps: int) -> float:
-    from damo.media.storage import Storage
+    from damo.storage import Storage
     from damo.train.pipeline import read_stage_metrics, run_uri, train_pipeline
 
     run_id = f"bench-{workers}w-{int(time.time())}"
@@ -97,7 +97,7 @@ def main() -> None:
 
     from damo.data.extract import connect_ray, extract_features
     from damo.data.training import read_feature_table, table_to_numpy
-    from damo.media.storage import Storage
+    from damo.storage import Storage
 
     backbones, uris = prepare(args.clips)
     cfg = tiny_config(backbones, ["ray.num_cpus=2", "ray.object_store_memory_mb=512"])

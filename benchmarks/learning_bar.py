@@ -171,8 +171,8 @@ def main() -> None:
     from damo.data.synthetic import generate_world
     from damo.demo import BUCKET, DemoSize, demo_config, timed_step
     from damo.eval.batch import EvalSettings, evaluate_checkpoint, retrieval
-    from damo.media.s3server import EmbeddedS3Server
-    from damo.media.storage import Storage, join
+    from damo.storage import Storage, join
+    from damo.storage.s3server import EmbeddedS3Server
     from damo.train.pipeline import train_pipeline, training_hash
 
     console = Console()

@@ -13,8 +13,8 @@ from rich.table import Table
 
 import damo
 from damo.config import ConfigError, available_configs, config_to_yaml, load_config
-from damo.media.s3server import EmbeddedS3Error, EmbeddedS3Server
-from damo.media.storage import StorageError
+from damo.storage import StorageError
+from damo.storage.s3server import EmbeddedS3Error, EmbeddedS3Server
 
 app = typer.Typer(
     help="DaMO platform: train, tune, evaluate and serve an audio-visual Video LLM on Ray.",
@@ -204,7 +204,7 @@ def extract_command(
 ) -> None:
     """Decode videos and run the frozen encoders with Ray Data into Parquet feature shards."""
     from damo.data.extract import connect_ray, extract_features, video_uris
-    from damo.media.storage import Storage
+    from damo.storage import Storage
 
     if videos is None:
         err_console.print("[bold red]error:[/] give --videos PREFIX")
@@ -305,7 +305,7 @@ def backbones_make_tiny(
 ) -> None:
     """Write tiny real HF backbones (tokenizer and LLM pre-trained on synthetic-world text)."""
     from damo.data.backbones import make_tiny_backbones
-    from damo.media.storage import Storage
+    from damo.storage import Storage
 
     cfg = load_config(config, overrides or [])
     timings = make_tiny_backbones(
@@ -339,7 +339,7 @@ def data_synth(
 ) -> None:
     """Generate the synthetic AV world (mp4 clips + annotation records) into object storage."""
     from damo.data.synthetic import generate_world
-    from damo.media.storage import Storage
+    from damo.storage import Storage
 
     cfg = load_config(config, overrides or [])
     settings = cfg.data.synthetic.model_copy(
@@ -366,7 +366,7 @@ def data_probe(
     import json
 
     from damo.media.decode import MediaError, probe
-    from damo.media.storage import Storage
+    from damo.storage import Storage
 
     cfg = load_config(config, overrides or [])
     info = probe(uri, Storage(cfg.storage.s3))
@@ -464,7 +464,7 @@ def train_status(
     overrides: Overrides = None,
 ) -> None:
     """Print a run's manifest as a table."""
-    from damo.media.storage import Storage
+    from damo.storage import Storage
     from damo.train.pipeline import read_manifest, run_uri
 
     cfg = load_config(config, overrides or [])
@@ -501,7 +501,7 @@ def eval_run(
     from damo.data.extract import connect_ray
     from damo.eval.batch import EvalSettings, evaluate_checkpoint
     from damo.eval.report import metrics_table
-    from damo.media.storage import join
+    from damo.storage import join
 
     cfg = load_config(config, overrides or [])
     records_uri = join(records or cfg.train.data.records, f"{split}.parquet")

@@ -16,8 +16,8 @@ from rich.console import Console
 from rich.table import Table
 
 from damo.config import DamoConfig
-from damo.media.s3server import EmbeddedS3Server
-from damo.media.storage import Storage, join
+from damo.storage import Storage, join
+from damo.storage.s3server import EmbeddedS3Server
 
 BUCKET = "s3://damo-demo"
 

@@ -25,7 +25,7 @@ def fixtures_dir() -> Path:
 @pytest.fixture(scope="session")
 def s3_server(tmp_path_factory):
     """One real SeaweedFS S3 server (`weed mini`) for the whole session."""
-    from damo.media.s3server import EmbeddedS3Server
+    from damo.storage.s3server import EmbeddedS3Server
 
     server = EmbeddedS3Server(data_dir=str(tmp_path_factory.mktemp("weed")))
     state = server.start()
@@ -36,7 +36,7 @@ def s3_server(tmp_path_factory):
 @pytest.fixture(scope="session")
 def s3_storage(s3_server):
     """A `Storage` on the session S3 server, with a bucket named `damo-test`."""
-    from damo.media.storage import Storage
+    from damo.storage import Storage
 
     storage = Storage(s3_server.s3_config())
     storage.ensure_bucket("s3://damo-test")
@@ -96,7 +96,7 @@ def tiny_world(tmp_path_factory) -> Path:
     """A small synthetic world (12 clips of 6-12 s) on local disk."""
     from damo.config.data import SyntheticConfig
     from damo.data.synthetic import generate_world
-    from damo.media.storage import Storage
+    from damo.storage import Storage
 
     root = tmp_path_factory.mktemp("world")
     settings = SyntheticConfig(num_clips=12, seed=3, min_duration_s=6.0, max_duration_s=12.0)
@@ -108,7 +108,7 @@ def tiny_world(tmp_path_factory) -> Path:
 def tiny_features(tiny_world, tiny_backbones, ray_cluster) -> Path:
     """The tiny world's features, extracted once with the tiny backbones."""
     from damo.data.extract import extract_features, video_uris
-    from damo.media.storage import Storage
+    from damo.storage import Storage
 
     storage = Storage()
     out = tiny_world / "features-run"

@@ -20,7 +20,7 @@ from typer.testing import CliRunner
 import damo
 from damo.cli import app
 from damo.config import load_config
-from damo.media.s3server import pid_alive, port_in_use
+from damo.storage.s3server import pid_alive, port_in_use
 
 runner = CliRunner()
 DAMO = str(Path(sys.executable).parent / "damo")

@@ -21,7 +21,7 @@ from damo.media.decode import (
     uniform_times,
 )
 from damo.media.encode import encode_mp4
-from damo.media.storage import Storage
+from damo.storage import Storage
 
 
 @pytest.fixture(scope="module")

@@ -8,9 +8,9 @@ import pytest
 from conftest import tiny_config
 
 from damo.eval.batch import EvalSettings, evaluate_checkpoint
-from damo.media.storage import Storage
 from damo.model.checkpoint import save_checkpoint
 from damo.model.damo import DamoModel
+from damo.storage import Storage
 
 
 @pytest.fixture(scope="module")

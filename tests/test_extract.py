@@ -10,7 +10,7 @@ from conftest import tiny_config
 from damo.config import load_config
 from damo.data.badmedia import build_media_corpus
 from damo.data.extract import ERRORS_DIR, FEATURES_DIR, extract_features
-from damo.media.storage import join
+from damo.storage import join
 
 TINY = load_config("tiny").data.decode
 FRAMES, SEGMENTS = TINY.num_frames, TINY.num_segments

@@ -19,7 +19,7 @@ from damo.data.records import (
     write_qvhighlights_submission,
     write_records,
 )
-from damo.media.storage import Storage
+from damo.storage import Storage
 
 CHARADES_STA = (
     (

@@ -9,7 +9,7 @@ import uuid
 import pytest
 
 from damo.config.schema import S3Config
-from damo.media.storage import (
+from damo.storage import (
     MULTIPART_THRESHOLD,
     Reason,
     Storage,
@@ -152,7 +152,7 @@ def test_missing_bucket(s3_storage):
 
 
 def test_unreachable_endpoint():
-    from damo.media.s3server import free_ports
+    from damo.storage.s3server import free_ports
 
     (port,) = free_ports(1)
     storage = Storage(

@@ -22,8 +22,8 @@ import torch
 import yaml
 
 from damo.data.training import read_feature_table, table_to_numpy, video_tensors
-from damo.media.storage import Storage
 from damo.model.checkpoint import load_checkpoint
+from damo.storage import Storage
 from damo.train.loop import MODEL_DIR
 
 DAMO = str(Path(sys.executable).parent / "damo")

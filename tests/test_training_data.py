@@ -10,8 +10,8 @@ from conftest import tiny_config
 
 from damo.data.records import read_records, write_records
 from damo.data.training import StageCollator, conversation, training_dataset
-from damo.media.storage import Storage, join
 from damo.model.damo import DamoModel
+from damo.storage import Storage, join
 
 STAGES = {1: ("caption",), 2: ("qa",), 3: ("grounding", "temporal_qa"), 4: ("dialogue",)}
 

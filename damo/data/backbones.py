@@ -228,7 +228,7 @@ def make_tiny_backbones(
     log: Callable[[str], None] = lambda message: None,
 ) -> dict[str, float]:
     """Build the tiny backbones and put them at `out_uri` (a path, file:// or s3:// URI)."""
-    from damo.media.storage import Storage, parse_uri
+    from damo.storage import Storage, parse_uri
 
     location = parse_uri(out_uri)
     options = {"cfg": cfg, "steps": steps, "num_clips": num_clips, "seed": seed, "log": log}

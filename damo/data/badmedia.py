@@ -18,7 +18,7 @@ import numpy as np
 
 from damo.media.decode import MediaReason
 from damo.media.encode import encode_mp4
-from damo.media.storage import Storage, join, parse_uri
+from damo.storage import Storage, join, parse_uri
 
 
 @dataclass(frozen=True)

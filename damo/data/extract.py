@@ -32,7 +32,7 @@ from damo.media.decode import (
     MediaReason,
     decode_with_config,
 )
-from damo.media.storage import Storage, StorageError, join
+from damo.storage import Storage, StorageError, join
 
 FEATURES_DIR = "features"
 ERRORS_DIR = "errors"

@@ -31,7 +31,7 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from damo.media.storage import Storage
+from damo.storage import Storage
 
 TASKS = ("caption", "qa", "grounding", "temporal_qa", "dialogue")
 

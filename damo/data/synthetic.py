@@ -31,7 +31,7 @@ from damo.config.data import SyntheticConfig
 from damo.config.schema import S3Config
 from damo.data.records import fmt_span, make_record, read_records, write_records
 from damo.media.encode import encode_mp4
-from damo.media.storage import Storage, join
+from damo.storage import Storage, join
 
 COLOURS: dict[str, tuple[int, int, int]] = {
     "red": (230, 40, 40),

@@ -16,7 +16,7 @@ import numpy as np
 import pyarrow as pa
 
 from damo.data.records import read_records
-from damo.media.storage import Storage, join
+from damo.storage import Storage, join
 
 FEATURE_COLUMNS = (
     "video_uri",

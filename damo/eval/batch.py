@@ -27,7 +27,7 @@ from damo.data.training import (
 )
 from damo.eval.metrics import grounding_metrics, qa_accuracy, retrieval_metrics
 from damo.eval.parse import parse_span
-from damo.media.storage import Storage, join
+from damo.storage import Storage, join
 from damo.version import code_version
 
 TASKS = ("grounding", "qa", "temporal_qa")

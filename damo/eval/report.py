@@ -6,7 +6,7 @@ from __future__ import annotations
 import io
 import json
 
-from damo.media.storage import Storage, join
+from damo.storage import Storage, join
 
 PERCENT_KEYS = ("R1@0.3", "R1@0.5", "R1@0.7", "mIoU", "accuracy", "R@1", "R@5", "R@10")
 

@@ -1,1 +1,1 @@
-"""Object storage (plain paths, file://, s3://) and media decoding."""
+"""Media decoding (PyAV) and the frozen encoders' input preparation."""

@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING, Any
 import av
 import numpy as np
 
-from damo.media.storage import Reason, Storage, StorageError, parse_uri
+from damo.storage import Reason, Storage, StorageError, parse_uri
 
 if TYPE_CHECKING:
     from damo.config.data import DecodeConfig

@@ -21,9 +21,9 @@ import torch
 
 from damo.config import DamoConfig
 from damo.data.training import StageCollator
-from damo.media.storage import Storage, join
 from damo.model.checkpoint import load_weights, save_checkpoint
 from damo.model.damo import DamoModel
+from damo.storage import Storage, join
 from damo.train.stages import StageSpec, stage_spec
 
 MODEL_DIR = "model"

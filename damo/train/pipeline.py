@@ -16,7 +16,7 @@ from pathlib import Path
 
 from damo.config import DamoConfig, config_hash
 from damo.data.training import training_dataset
-from damo.media.storage import Storage, join, parse_uri
+from damo.storage import Storage, join, parse_uri
 from damo.train.loop import optimizer_steps, train_loop_per_worker
 from damo.train.stages import STAGE_NAMES, stage_spec
 from damo.version import code_version

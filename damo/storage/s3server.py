@@ -223,7 +223,7 @@ class EmbeddedS3Server:
 
     def _wait_ready(self) -> None:
         """Ready means a signed S3 request succeeds, not merely that a port is open."""
-        from damo.media.storage import Storage
+        from damo.storage import Storage
 
         assert self.state is not None
         storage = Storage(self.state.s3_config().model_copy(update={"max_attempts": 1}))
