@@ -91,6 +91,10 @@ class ScalingConfig(Section):
     cpus_per_worker: float = Field(default=1.0, gt=0)
     gpus_per_worker: float = Field(default=1.0, ge=0, description="Used when use_gpu.")
     max_failures: int = Field(default=2, ge=0, description="Worker-group restarts per stage.")
+    placement_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = Field(
+        default="PACK",
+        description="How workers are placed on nodes; STRICT_SPREAD puts each on its own node.",
+    )
 
 
 class TrainDataConfig(Section):

@@ -98,6 +98,7 @@ class StageLogger:
 
 
 def train_loop_per_worker(config: dict) -> None:
+    import ray
     import ray.train
     import ray.train.torch
     from ray.train import Checkpoint
@@ -110,6 +111,19 @@ def train_loop_per_worker(config: dict) -> None:
     rank, world = context.get_world_rank(), context.get_world_size()
     device = ray.train.torch.get_device()
     torch.manual_seed(cfg.seed)
+
+    # where each rank runs, for operators (and the multi-node test): one small JSON per rank
+    storage.write_bytes(
+        join(config["run_uri"], "workers", f"stage{stage}", f"rank{rank}.json"),
+        json.dumps(
+            {
+                "rank": rank,
+                "world_size": world,
+                "node_id": ray.get_runtime_context().get_node_id(),
+                "device": str(device),
+            }
+        ).encode(),
+    )
 
     model = DamoModel.from_config(cfg.model, resolve=storage.fetch_dir)
     if config.get("init_checkpoint"):

@@ -107,7 +107,10 @@ def fit_stage(
             "run_uri": run,
         },
         scaling_config=ScalingConfig(
-            num_workers=scaling.num_workers, use_gpu=scaling.use_gpu, resources_per_worker=resources
+            num_workers=scaling.num_workers,
+            use_gpu=scaling.use_gpu,
+            resources_per_worker=resources,
+            placement_strategy=scaling.placement_strategy,
         ),
         run_config=RunConfig(
             name=f"{run_id}-stage{stage}",  # the run id keeps stages of other runs apart
