@@ -234,3 +234,47 @@ def test_directory_markers_are_not_listed_or_fetched(s3_storage, tmp_path):
     assert s3_storage.list(root + "/") == [root + "/dir/file.txt"]
     local = s3_storage.fetch_dir(root + "/dir", cache_root=tmp_path)
     assert (local / "file.txt").read_bytes() == b"x"
+
+
+# ---- fetch_dir refuses keys that would leave its folder ----------------------------------
+@pytest.fixture(scope="module")
+def moto_storage():
+    """A `Storage` on moto's in-process S3 server, which keeps keys exactly as written."""
+    from moto.server import ThreadedMotoServer
+
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    storage = Storage(
+        S3Config(endpoint_url=f"http://{host}:{port}", access_key_id="a", secret_access_key="b")
+    )
+    storage.ensure_bucket("s3://traversal")
+    yield storage
+    server.stop()
+
+
+@pytest.mark.parametrize("evil", ["/{outside}/x", "../x", "a/../../x", "a//b", "./x", "a/."])
+def test_fetch_dir_refuses_keys_that_escape(moto_storage, tmp_path, evil):
+    outside = tmp_path / "outside"
+    root = f"ckpt-{uuid.uuid4().hex}"
+    key = f"{root}/{evil.format(outside=str(outside).lstrip('/'))}"
+    moto_storage.client.put_object(Bucket="traversal", Key=f"{root}/ok.txt", Body=b"ok")
+    moto_storage.client.put_object(Bucket="traversal", Key=key, Body=b"evil")
+    raw = [o["Key"] for o in moto_storage.client.list_objects_v2(Bucket="traversal")["Contents"]]
+    assert key in raw  # the server kept the key as written: the check below is what stops it
+    cache = tmp_path / "cache"
+    with pytest.raises(StorageError) as err:
+        moto_storage.fetch_dir(f"s3://traversal/{root}", cache_root=cache)
+    assert err.value.reason is Reason.INVALID_URI and key in str(err.value)
+    assert not outside.exists() and not (tmp_path / "x").exists()
+    written = [p for p in cache.rglob("*") if p.is_file() and not p.name.endswith(".lock")]
+    assert written == []  # nothing at all, not even the good object
+
+
+def test_relative_key_check_rejects_absolute_and_dot_segments():
+    from damo.storage.store import _relative_key
+
+    assert _relative_key("s3://b/p/", "s3://b/p/a/b.txt") == "a/b.txt"
+    for bad in ("s3://b/p//etc/passwd", "s3://b/p/../x", "s3://b/p/a\\..\\x", "s3://b/p/"):
+        with pytest.raises(StorageError):
+            _relative_key("s3://b/p/", bad)
