@@ -383,16 +383,22 @@ class Storage:
             raise self._s3_error(loc, cause if isinstance(cause, Exception) else err) from err
 
     def upload_file(self, local_path: str | os.PathLike, uri: str) -> None:
-        with open(local_path, "rb") as f:
-            self.write_stream(uri, f)
+        try:
+            with open(local_path, "rb") as f:
+                self.write_stream(uri, f)
+        except OSError as err:  # opening or reading the local file
+            raise self._local_error(parse_uri(os.fspath(local_path)), err) from err
 
     def download_file(self, uri: str, local_path: str | os.PathLike) -> None:
         """Copy an object to a local file, atomically."""
         target = Path(local_path)
-        target.parent.mkdir(parents=True, exist_ok=True)
         loc = parse_uri(uri)
-        fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.tmp-")
-        os.close(fd)
+        try:
+            target.parent.mkdir(parents=True, exist_ok=True)
+            fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.tmp-")
+            os.close(fd)
+        except OSError as err:
+            raise self._local_error(parse_uri(str(target)), err) from err
         try:
             if loc.scheme == "file":
                 import shutil
@@ -406,7 +412,10 @@ class Storage:
                     self.client.download_file(loc.bucket, loc.key, tmp)
                 except Exception as err:
                     raise self._s3_error(loc, err) from err
-            os.replace(tmp, target)
+            try:
+                os.replace(tmp, target)
+            except OSError as err:
+                raise self._local_error(parse_uri(str(target)), err) from err
         finally:
             Path(tmp).unlink(missing_ok=True)
 
@@ -505,8 +514,12 @@ class Storage:
         root = Path(local_dir)
         if not root.is_dir():
             raise StorageError(str(root), Reason.NOT_FOUND, "not a directory")
+        try:
+            paths = sorted(p for p in root.rglob("*") if p.is_file())
+        except OSError as err:
+            raise self._local_error(parse_uri(str(root)), err) from err
         written = []
-        for path in sorted(p for p in root.rglob("*") if p.is_file()):
+        for path in paths:
             target = join(uri, path.relative_to(root).as_posix())
             self.upload_file(path, target)
             written.append(target)
