@@ -380,3 +380,28 @@ def test_relative_key_check_rejects_absolute_and_dot_segments():
     for bad in ("s3://b/p//etc/passwd", "s3://b/p/../x", "s3://b/p/a\\..\\x", "s3://b/p/"):
         with pytest.raises(StorageError):
             _relative_key("s3://b/p/", bad)
+
+
+def test_list_objects_gives_size_and_etag(store):
+    storage, root = store
+    storage.write_bytes(join(root, "d", "a.bin"), b"12345")
+    storage.write_bytes(join(root, "d", "b.bin"), b"1")
+    listed = storage.list_objects(join(root, "d") + "/")
+    assert [(i.uri, i.size) for i in listed] == [
+        (join(root, "d", "a.bin"), 5),
+        (join(root, "d", "b.bin"), 1),
+    ]
+    assert [i.etag for i in listed] == [storage.stat(i.uri)["etag"] for i in listed]
+
+
+def test_fetch_dir_lists_once_and_heads_nothing(s3_storage, tmp_path):
+    root = f"s3://damo-test/{uuid.uuid4().hex}"
+    for i in range(5):
+        s3_storage.write_bytes(f"{root}/m/{i}.bin", bytes([i]))
+    heads = [0]
+    s3_storage.client.meta.events.register(
+        "before-call.s3.HeadObject", lambda **_: heads.__setitem__(0, heads[0] + 1)
+    )
+    local = s3_storage.fetch_dir(root + "/m", cache_root=tmp_path)
+    assert sorted(p.name for p in local.glob("*.bin")) == [f"{i}.bin" for i in range(5)]
+    assert heads[0] == 0

@@ -7,6 +7,7 @@ a node keeps only caches.
 from damo.storage.store import (
     MULTIPART_THRESHOLD,
     Location,
+    ObjectInfo,
     Reason,
     Storage,
     StorageError,
@@ -20,6 +21,7 @@ from damo.storage.store import (
 __all__ = [
     "MULTIPART_THRESHOLD",
     "Location",
+    "ObjectInfo",
     "Reason",
     "Storage",
     "StorageError",

@@ -170,6 +170,7 @@ _S3_CODES = {
     "403": Reason.PERMISSION,
     "Forbidden": Reason.PERMISSION,
     "InvalidRange": Reason.IO,
+    "PreconditionFailed": Reason.IO,  # a pinned download: the object changed since listed
 }
 
 
@@ -389,8 +390,14 @@ class Storage:
         except OSError as err:  # opening or reading the local file
             raise self._local_error(parse_uri(os.fspath(local_path)), err) from err
 
-    def download_file(self, uri: str, local_path: str | os.PathLike) -> None:
-        """Copy an object to a local file, atomically."""
+    def download_file(
+        self, uri: str, local_path: str | os.PathLike, listed: ObjectInfo | None = None
+    ) -> None:
+        """Copy an object to a local file, atomically.
+
+        With `listed` (from `list_objects`) no HEAD request is made, and the download is
+        pinned to the listed version: if the object changed since, it fails rather than mix.
+        """
         target = Path(local_path)
         loc = parse_uri(uri)
         try:
@@ -409,7 +416,7 @@ class Storage:
                     raise self._local_error(loc, err) from err
             else:
                 try:
-                    self.client.download_file(loc.bucket, loc.key, tmp)
+                    self._s3_download(loc, tmp, listed)
                 except Exception as err:
                     raise self._s3_error(loc, err) from err
             try:
@@ -418,6 +425,27 @@ class Storage:
                 raise self._local_error(parse_uri(str(target)), err) from err
         finally:
             Path(tmp).unlink(missing_ok=True)
+
+    def _s3_download(self, loc: Location, tmp: str, listed: ObjectInfo | None) -> None:
+        from boto3.s3.transfer import TransferConfig
+        from s3transfer.manager import TransferManager
+        from s3transfer.subscribers import BaseSubscriber
+
+        class KnownObject(BaseSubscriber):
+            """The size and etag are known: no HEAD, and the etag is every GET's IfMatch."""
+
+            def on_queued(self, future, **_):
+                future.meta.provide_transfer_size(listed.size)
+                future.meta.provide_object_etag(f'"{listed.etag}"')
+
+        subscribers = [KnownObject()] if listed is not None else None
+        config = TransferConfig(
+            multipart_threshold=MULTIPART_THRESHOLD,
+            multipart_chunksize=MULTIPART_THRESHOLD,
+            max_concurrency=4,
+        )
+        with TransferManager(self.client, config) as manager:
+            manager.download(loc.bucket, loc.key, tmp, subscribers=subscribers).result()
 
     def stat(self, uri: str) -> dict:
         """{"size": bytes, "etag": str}: what identifies a version of an object."""
@@ -611,7 +639,7 @@ class Storage:
                     continue
                 except OSError:  # another filesystem, or links not allowed: download
                     pass
-            self.download_file(info.uri, dest)
+            self.download_file(info.uri, dest, listed=info)
 
     def pyarrow_filesystem(self, uri: str) -> tuple[pyarrow.fs.FileSystem, str]:
         """(filesystem, path) for pyarrow / Ray Data. The filesystem pickles to workers."""
