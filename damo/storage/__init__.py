@@ -15,6 +15,7 @@ from damo.storage.store import (
     is_allowed,
     join,
     parse_uri,
+    require_allowed,
     s3_config_from_env,
 )
 
@@ -29,5 +30,6 @@ __all__ = [
     "is_allowed",
     "join",
     "parse_uri",
+    "require_allowed",
     "s3_config_from_env",
 ]

@@ -19,7 +19,7 @@ from urllib.parse import unquote, urlparse
 
 from pydantic import SecretStr
 
-from damo.config.schema import S3Config
+from damo.config.schema import S3Config, StorageConfig
 
 if TYPE_CHECKING:
     import pyarrow.fs
@@ -37,6 +37,7 @@ class Reason(enum.StrEnum):
     AUTH = "bad_credentials"
     PERMISSION = "permission_denied"
     UNREACHABLE = "unreachable"
+    NOT_ALLOWED = "not_allowed"
     IO = "io_error"
 
 
@@ -733,3 +734,18 @@ def is_allowed(uri: str, prefixes: list[str]) -> bool:
             if real == root or real.startswith(root.rstrip(os.sep) + os.sep):
                 return True
     return False
+
+
+def require_allowed(uri: str, allowed: StorageConfig | list[str], what: str = "URI") -> str:
+    """`uri` itself if it lies under `storage.allowed_prefixes`, else a StorageError with
+    reason `not_allowed`. An empty list means no restriction (the default), so the setting
+    only takes effect once a deployment lists its prefixes. Call it wherever a user-supplied
+    URI enters: CLI options, job arguments, evaluation inputs, Serve requests."""
+    prefixes = allowed.allowed_prefixes if isinstance(allowed, StorageConfig) else allowed
+    if prefixes and not is_allowed(uri, prefixes):
+        raise StorageError(
+            uri,
+            Reason.NOT_ALLOWED,
+            f"{what} is outside storage.allowed_prefixes ({', '.join(prefixes)})",
+        )
+    return uri
