@@ -50,3 +50,14 @@ def test_plan_mixes_listed_and_single_uris(tmp_path):
     assert [r["video_uri"] for r in to_decode] == [str(u) for u in listed]  # a.mp4 once
     assert [e["reason"] for e in errors] == ["not_found"]
     assert all(type(r["video_uri"]) is str for r in to_decode)
+
+
+def test_listed_uris_pickle_with_their_listing():
+    import pickle
+
+    from damo.storage import ObjectInfo
+
+    listed = ListedUri(ObjectInfo("s3://b/k.mp4", 3, "abc"))
+    copy = pickle.loads(pickle.dumps(listed))
+    assert (type(copy), copy, copy.size, copy.etag) == (ListedUri, listed, 3, "abc")
+    assert copy == "s3://b/k.mp4" and hash(copy) == hash("s3://b/k.mp4")

@@ -90,6 +90,9 @@ class ListedUri(str):
         listed.size, listed.etag = info.size, info.etag
         return listed
 
+    def __reduce__(self):  # pickles (to Ray tasks, say) with its listing
+        return ListedUri, (ObjectInfo(str(self), self.size, self.etag),)
+
 
 def plan(storage: Storage, uris: list[str], output_uri: str, cfg_hash: str):
     """(to_decode, stat_errors, skipped): identify every input once, drop the finished ones.
