@@ -54,6 +54,16 @@ def friendly_errors(func):
     return wrapper
 
 
+def require_allowed_options(cfg, **uris: str | None) -> None:
+    """Every URI given on the command line must lie under `storage.allowed_prefixes` (when
+    that list is set); the error names the option. Config values are the operator's own."""
+    from damo.storage import require_allowed
+
+    for option, uri in uris.items():
+        if uri is not None:
+            require_allowed(uri, cfg.storage, f"--{option.replace('_', '-')}")
+
+
 def _version(value: bool) -> None:
     if value:
         console.print(f"damo {damo.__version__}")
@@ -210,6 +220,7 @@ def extract_command(
         err_console.print("[bold red]error:[/] give --videos PREFIX")
         raise typer.Exit(code=2)
     cfg = load_config(config, overrides or [])
+    require_allowed_options(cfg, videos=videos, out=out)
     storage = Storage(cfg.storage.s3)
     uris = video_uris(storage, videos)
     if not uris:
@@ -308,6 +319,7 @@ def backbones_make_tiny(
     from damo.storage import Storage
 
     cfg = load_config(config, overrides or [])
+    require_allowed_options(cfg, out=out)
     timings = make_tiny_backbones(
         out,
         cfg=cfg.model,
@@ -342,6 +354,7 @@ def data_synth(
     from damo.storage import Storage
 
     cfg = load_config(config, overrides or [])
+    require_allowed_options(cfg, out=out)
     settings = cfg.data.synthetic.model_copy(
         update={k: v for k, v in {"num_clips": clips, "seed": seed}.items() if v is not None}
     )
@@ -366,9 +379,10 @@ def data_probe(
     import json
 
     from damo.media.decode import MediaError, probe
-    from damo.storage import Storage
+    from damo.storage import Storage, require_allowed
 
     cfg = load_config(config, overrides or [])
+    require_allowed(uri, cfg.storage, "the video URI")
     info = probe(uri, Storage(cfg.storage.s3))
     if isinstance(info, MediaError):
         err_console.print(f"[bold red]{info.reason}:[/] {escape(info.message)}", highlight=False)
@@ -419,6 +433,7 @@ def train_command(
     from damo.train.pipeline import TrainError, train_pipeline
 
     cfg = load_config(config, overrides or [])
+    require_allowed_options(cfg, init_checkpoint=init_checkpoint)
     run_id = run_id or time.strftime("run-%Y%m%d-%H%M%S")
     console.print(f"run id: [bold]{run_id}[/] (re-run with --run-id {run_id} to resume)")
     connect_ray(cfg)
@@ -504,6 +519,7 @@ def eval_run(
     from damo.storage import join
 
     cfg = load_config(config, overrides or [])
+    require_allowed_options(cfg, checkpoint=checkpoint, out=out, features=features, records=records)
     records_uri = join(records or cfg.train.data.records, f"{split}.parquet")
     connect_ray(cfg)
     settings = EvalSettings(

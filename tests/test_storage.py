@@ -76,31 +76,133 @@ def test_delete_then_missing(store):
         assert uri in str(err.value)
 
 
-def test_failed_write_leaves_nothing_visible(store):
+class Exploding(io.RawIOBase):
+    """Yields `fail_after` bytes then fails, as a dropped upload would."""
+
+    def __init__(self, fail_after: int):
+        self.sent = 0
+        self.fail_after = fail_after
+
+    def readable(self):
+        return True
+
+    def readinto(self, buffer):
+        if self.sent >= self.fail_after:
+            raise OSError("connection lost")
+        n = min(len(buffer), 1024 * 1024)
+        buffer[:n] = b"\1" * n
+        self.sent += n
+        return n
+
+
+def raw_objects(storage: Storage, root: str) -> list[str]:
+    """Everything stored under `root`, temp objects and unfinished uploads included
+    (`Storage.list` hides `.tmp-` files, so it cannot be the judge here)."""
+    loc = parse_uri(root)
+    if loc.scheme == "file":
+        return sorted(
+            os.path.relpath(os.path.join(d, f), loc.path)
+            for d, _, files in os.walk(loc.path)
+            for f in files
+        )
+    prefix = loc.key + "/"
+    listed = storage.client.list_objects_v2(Bucket=loc.bucket, Prefix=prefix)
+    keys = [o["Key"][len(prefix) :] for o in listed.get("Contents", [])]
+    uploads = storage.client.list_multipart_uploads(Bucket=loc.bucket, Prefix=prefix)
+    keys += [f"(unfinished upload) {u['Key']}" for u in uploads.get("Uploads", [])]
+    return sorted(keys)
+
+
+@pytest.mark.parametrize("size", ["small", "multipart"])
+def test_failed_write_leaves_nothing_visible(store, size):
     storage, root = store
     uri = join(root, "partial.bin")
-
-    class Exploding(io.RawIOBase):
-        """Yields 10 MiB then fails, as a dropped upload would."""
-
-        def __init__(self):
-            self.sent = 0
-
-        def readable(self):
-            return True
-
-        def readinto(self, buffer):
-            if self.sent >= 10 * 1024 * 1024:
-                raise OSError("connection lost")
-            n = min(len(buffer), 1024 * 1024)
-            buffer[:n] = b"\0" * n
-            self.sent += n
-            return n
-
-    with pytest.raises((StorageError, OSError)):
-        storage.write_stream(uri, io.BufferedReader(Exploding()))
+    fail_after = 10 * 1024 * 1024 if size == "multipart" else 512 * 1024
+    with pytest.raises(StorageError) as err:
+        storage.write_stream(uri, io.BufferedReader(Exploding(fail_after)))
+    assert uri in str(err.value)
     assert not storage.exists(uri)
-    assert storage.list(root + "/") == []
+    assert raw_objects(storage, root) == []
+
+
+@pytest.mark.parametrize("size", ["small", "multipart"])
+def test_failed_overwrite_keeps_the_old_object(store, size):
+    storage, root = store
+    uri = join(root, "model.bin")
+    storage.write_bytes(uri, b"old version")
+    fail_after = 10 * 1024 * 1024 if size == "multipart" else 512 * 1024
+    with pytest.raises(StorageError):
+        storage.write_stream(uri, io.BufferedReader(Exploding(fail_after)))
+    assert storage.read_bytes(uri) == b"old version"
+    assert raw_objects(storage, root) == ["model.bin"]
+
+
+def test_local_failures_are_storage_errors(tmp_path):
+    """Every operation turns an OSError into a StorageError that names the place."""
+    storage = Storage()
+    blocker = tmp_path / "a-file"
+    blocker.write_bytes(b"x")
+    (tmp_path / "a-dir").mkdir()
+    src = tmp_path / "src.txt"
+    src.write_bytes(b"data")
+    under_file = str(blocker / "below")
+    operations = {
+        "read a directory": lambda: storage.read_bytes(str(tmp_path / "a-dir")),
+        "read a missing file": lambda: storage.read_bytes(str(tmp_path / "missing")),
+        "write below a file": lambda: storage.write_bytes(under_file + "/x", b"x"),
+        "write onto a directory": lambda: storage.write_bytes(str(tmp_path / "a-dir"), b"x"),
+        "stat below a file": lambda: storage.stat(under_file),
+        "list below a file": lambda: storage.list(under_file + "/x"),
+        "delete a directory": lambda: storage.delete(str(tmp_path / "a-dir")),
+        "upload a missing file": lambda: storage.upload_file(tmp_path / "nope", under_file),
+        "upload below a file": lambda: storage.upload_file(src, under_file + "/x"),
+        "download to below a file": lambda: storage.download_file(str(src), under_file + "/x"),
+        "download a missing file": lambda: storage.download_file(
+            str(tmp_path / "nope"), tmp_path / "out"
+        ),
+        "put a missing dir": lambda: storage.put_dir(tmp_path / "nope", under_file),
+        "put a dir below a file": lambda: storage.put_dir(tmp_path / "a-dir-2", under_file),
+        "fetch a missing dir": lambda: storage.fetch_dir(str(tmp_path / "nope")),
+        "parquet files below a file": lambda: storage.parquet_files(under_file),
+    }
+    (tmp_path / "a-dir-2").mkdir()
+    (tmp_path / "a-dir-2" / "f.txt").write_bytes(b"f")
+    for what, operation in operations.items():
+        try:
+            operation()
+        except StorageError as err:
+            assert str(tmp_path) in str(err), what
+        except Exception as err:  # noqa: BLE001 (the test is that nothing else escapes)
+            pytest.fail(f"{what}: raised {type(err).__name__}, not StorageError: {err}")
+        else:
+            # listing a prefix that cannot exist finds nothing, which is no error
+            if what not in ("list below a file", "parquet files below a file"):
+                pytest.fail(f"{what}: did not fail")
+
+
+def test_s3_failures_are_storage_errors(s3_server, s3_storage, tmp_path):
+    blocker = tmp_path / "a-file"
+    blocker.write_bytes(b"x")
+    root = f"s3://damo-test/{uuid.uuid4().hex}"
+    s3_storage.write_bytes(root + "/obj", b"x")
+    operations = {
+        "download to below a file": lambda: s3_storage.download_file(root + "/obj", blocker / "x"),
+        "download a missing object": lambda: s3_storage.download_file(
+            root + "/missing", tmp_path / "out"
+        ),
+        "fetch into a cache below a file": lambda: s3_storage.fetch_dir(root, blocker / "c"),
+        "fetch a missing prefix": lambda: s3_storage.fetch_dir(root + "/missing", tmp_path),
+        "list a missing bucket": lambda: s3_storage.list("s3://no-such-bucket-here/x/"),
+        "delete a missing object": lambda: s3_storage.delete(root + "/missing"),
+        "put_dir with a wrong secret": lambda: Storage(
+            s3_server.s3_config().model_copy(update={"secret_access_key": "wrong"})
+        ).put_dir(tmp_path, root + "/dir"),
+    }
+    for what, operation in operations.items():
+        with pytest.raises(StorageError):
+            operation()
+            pytest.fail(f"{what}: did not fail")
+    assert not list(tmp_path.glob(".out.tmp-*"))  # a failed download leaves no temp file
 
 
 def test_download_and_dirs(store, tmp_path):
@@ -234,3 +336,72 @@ def test_directory_markers_are_not_listed_or_fetched(s3_storage, tmp_path):
     assert s3_storage.list(root + "/") == [root + "/dir/file.txt"]
     local = s3_storage.fetch_dir(root + "/dir", cache_root=tmp_path)
     assert (local / "file.txt").read_bytes() == b"x"
+
+
+# ---- fetch_dir refuses keys that would leave its folder ----------------------------------
+@pytest.fixture(scope="module")
+def moto_storage():
+    """A `Storage` on moto's in-process S3 server, which keeps keys exactly as written."""
+    from moto.server import ThreadedMotoServer
+
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    storage = Storage(
+        S3Config(endpoint_url=f"http://{host}:{port}", access_key_id="a", secret_access_key="b")
+    )
+    storage.ensure_bucket("s3://traversal")
+    yield storage
+    server.stop()
+
+
+@pytest.mark.parametrize("evil", ["/{outside}/x", "../x", "a/../../x", "a//b", "./x", "a/."])
+def test_fetch_dir_refuses_keys_that_escape(moto_storage, tmp_path, evil):
+    outside = tmp_path / "outside"
+    root = f"ckpt-{uuid.uuid4().hex}"
+    key = f"{root}/{evil.format(outside=str(outside).lstrip('/'))}"
+    moto_storage.client.put_object(Bucket="traversal", Key=f"{root}/ok.txt", Body=b"ok")
+    moto_storage.client.put_object(Bucket="traversal", Key=key, Body=b"evil")
+    raw = [o["Key"] for o in moto_storage.client.list_objects_v2(Bucket="traversal")["Contents"]]
+    assert key in raw  # the server kept the key as written: the check below is what stops it
+    cache = tmp_path / "cache"
+    with pytest.raises(StorageError) as err:
+        moto_storage.fetch_dir(f"s3://traversal/{root}", cache_root=cache)
+    assert err.value.reason is Reason.INVALID_URI and key in str(err.value)
+    assert not outside.exists() and not (tmp_path / "x").exists()
+    written = [p for p in cache.rglob("*") if p.is_file() and not p.name.endswith(".lock")]
+    assert written == []  # nothing at all, not even the good object
+
+
+def test_relative_key_check_rejects_absolute_and_dot_segments():
+    from damo.storage.store import _relative_key
+
+    assert _relative_key("s3://b/p/", "s3://b/p/a/b.txt") == "a/b.txt"
+    for bad in ("s3://b/p//etc/passwd", "s3://b/p/../x", "s3://b/p/a\\..\\x", "s3://b/p/"):
+        with pytest.raises(StorageError):
+            _relative_key("s3://b/p/", bad)
+
+
+def test_list_objects_gives_size_and_etag(store):
+    storage, root = store
+    storage.write_bytes(join(root, "d", "a.bin"), b"12345")
+    storage.write_bytes(join(root, "d", "b.bin"), b"1")
+    listed = storage.list_objects(join(root, "d") + "/")
+    assert [(i.uri, i.size) for i in listed] == [
+        (join(root, "d", "a.bin"), 5),
+        (join(root, "d", "b.bin"), 1),
+    ]
+    assert [i.etag for i in listed] == [storage.stat(i.uri)["etag"] for i in listed]
+
+
+def test_fetch_dir_lists_once_and_heads_nothing(s3_storage, tmp_path):
+    root = f"s3://damo-test/{uuid.uuid4().hex}"
+    for i in range(5):
+        s3_storage.write_bytes(f"{root}/m/{i}.bin", bytes([i]))
+    heads = [0]
+    s3_storage.client.meta.events.register(
+        "before-call.s3.HeadObject", lambda **_: heads.__setitem__(0, heads[0] + 1)
+    )
+    local = s3_storage.fetch_dir(root + "/m", cache_root=tmp_path)
+    assert sorted(p.name for p in local.glob("*.bin")) == [f"{i}.bin" for i in range(5)]
+    assert heads[0] == 0

@@ -8,7 +8,19 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    SecretStr,
+    SerializationInfo,
+    field_serializer,
+    field_validator,
+    model_validator,
+)
+
+REDACTED = "**********"  # what a secret looks like in every dump (pydantic's SecretStr mask)
+REVEAL_SECRETS = "reveal_secrets"  # serialization context key; see `worker_config_dict`
 
 
 class Section(BaseModel):
@@ -18,22 +30,45 @@ class Section(BaseModel):
 class S3Config(Section):
     """How to reach an S3-compatible object store.
 
-    Credentials left empty are taken from the environment (AWS_ACCESS_KEY_ID /
-    AWS_SECRET_ACCESS_KEY), so secrets never need to live in a YAML file.
+    Leave the keys empty to use the default AWS credential chain (AWS_* variables,
+    AWS_PROFILE with its shared credentials/config files, SSO, web identity, instance and
+    container roles), which also refreshes temporary credentials. Keys given here are used as
+    they are, with `session_token` (or AWS_SESSION_TOKEN when the env holds the same key id).
+    Secrets are `SecretStr`: every JSON/YAML dump shows them as "**********".
     """
 
     endpoint_url: str | None = Field(
         default=None, description="Custom endpoint, e.g. http://127.0.0.1:8333; None means AWS."
     )
-    region: str = "us-east-1"
+    region: str | None = Field(
+        default=None,
+        description="None: AWS_REGION / AWS_DEFAULT_REGION; pyarrow uses the bucket's own region.",
+    )
     addressing_style: Literal["path", "virtual", "auto"] = Field(
         default="path", description="path-style suits local servers such as SeaweedFS and MinIO."
     )
     access_key_id: str | None = None
-    secret_access_key: str | None = None
+    secret_access_key: SecretStr | None = None
+    session_token: SecretStr | None = Field(
+        default=None, description="For temporary keys (STS, SSO); only used with access_key_id."
+    )
     connect_timeout_s: float = Field(default=5.0, gt=0)
     read_timeout_s: float = Field(default=60.0, gt=0)
     max_attempts: int = Field(default=3, ge=1)
+
+    @field_validator("secret_access_key", "session_token", mode="before")
+    @classmethod
+    def _redacted_means_unset(cls, value):
+        """A redacted dump read back has no secret, rather than the mask as a wrong one."""
+        return None if value == REDACTED else value
+
+    @field_serializer("secret_access_key", "session_token", when_used="json")
+    def _redact(self, value: SecretStr | None, info: SerializationInfo) -> str | None:
+        if value is None:
+            return None
+        if info.context and info.context.get(REVEAL_SECRETS):
+            return value.get_secret_value()
+        return REDACTED
 
 
 class EmbeddedS3Config(Section):
@@ -53,7 +88,8 @@ class StorageConfig(Section):
     )
     allowed_prefixes: list[str] = Field(
         default_factory=list,
-        description="URIs that user-supplied media may come from (Serve, evaluation).",
+        description="URIs that user-supplied inputs and outputs must lie under (CLI, jobs, "
+        "evaluation, Serve); empty means no restriction.",
     )
 
 

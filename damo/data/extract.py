@@ -32,7 +32,7 @@ from damo.media.decode import (
     MediaReason,
     decode_with_config,
 )
-from damo.storage import Storage, StorageError, join
+from damo.storage import ObjectInfo, Storage, StorageError, join
 
 FEATURES_DIR = "features"
 ERRORS_DIR = "errors"
@@ -78,14 +78,37 @@ def _done_keys(storage: Storage, output_uri: str) -> set[str]:
     return keys
 
 
+class ListedUri(str):
+    """A URI as a listing returned it, with the size and etag the listing already reported,
+    so planning needs no HEAD request for it. Anywhere else it is just the URI string."""
+
+    size: int
+    etag: str
+
+    def __new__(cls, info: ObjectInfo) -> ListedUri:
+        listed = super().__new__(cls, info.uri)
+        listed.size, listed.etag = info.size, info.etag
+        return listed
+
+    def __reduce__(self):  # pickles (to Ray tasks, say) with its listing
+        return ListedUri, (ObjectInfo(str(self), self.size, self.etag),)
+
+
 def plan(storage: Storage, uris: list[str], output_uri: str, cfg_hash: str):
-    """(to_decode, stat_errors, skipped): stat every input once, drop the finished ones."""
+    """(to_decode, stat_errors, skipped): identify every input once, drop the finished ones.
+
+    URIs from `video_uris` carry their listing's size and etag; only the others (URIs given
+    one by one) cost a HEAD request each.
+    """
     done = _done_keys(storage, output_uri)
     to_decode, stat_errors, skipped = [], [], 0
-    for uri in dict.fromkeys(uris):  # de-duplicate, keep order
+    for uri in dict.fromkeys(uris):  # de-duplicate, keep order (and the first's listing)
         try:
-            stat = storage.stat(uri)
-            key = item_key(uri, stat["size"], stat["etag"], cfg_hash)
+            if isinstance(uri, ListedUri):
+                stat = {"size": uri.size, "etag": uri.etag}
+            else:
+                stat = storage.stat(uri)
+            key = item_key(str(uri), stat["size"], stat["etag"], cfg_hash)
         except StorageError as err:
             key = item_key(uri, None, err.reason.value, cfg_hash)
             if key not in done:
@@ -98,7 +121,7 @@ def plan(storage: Storage, uris: list[str], output_uri: str, cfg_hash: str):
             skipped += 1
         else:
             to_decode.append(
-                {"key": key, "video_uri": uri, "size": stat["size"], "etag": stat["etag"]}
+                {"key": key, "video_uri": str(uri), "size": stat["size"], "etag": stat["etag"]}
             )
     return to_decode, stat_errors, skipped
 
@@ -237,12 +260,13 @@ def connect_ray(cfg: DamoConfig) -> None:
     )
 
 
-def video_uris(storage: Storage, prefix: str) -> list[str]:
-    """Every object under a prefix (videos or not: what is not a video becomes an error row)."""
+def video_uris(storage: Storage, prefix: str) -> list[ListedUri]:
+    """Every object under a prefix (videos or not: what is not a video becomes an error row),
+    from one paginated listing that also gives each object's size and etag."""
     return [
-        u
-        for u in storage.list(prefix.rstrip("/") + "/")
-        if not u.rsplit("/", 1)[-1].startswith(".")
+        ListedUri(info)
+        for info in storage.list_objects(prefix.rstrip("/") + "/")
+        if not info.uri.rsplit("/", 1)[-1].startswith(".")
     ]
 
 

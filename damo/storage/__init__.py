@@ -7,6 +7,7 @@ a node keeps only caches.
 from damo.storage.store import (
     MULTIPART_THRESHOLD,
     Location,
+    ObjectInfo,
     Reason,
     Storage,
     StorageError,
@@ -14,12 +15,14 @@ from damo.storage.store import (
     is_allowed,
     join,
     parse_uri,
+    require_allowed,
     s3_config_from_env,
 )
 
 __all__ = [
     "MULTIPART_THRESHOLD",
     "Location",
+    "ObjectInfo",
     "Reason",
     "Storage",
     "StorageError",
@@ -27,5 +30,6 @@ __all__ = [
     "is_allowed",
     "join",
     "parse_uri",
+    "require_allowed",
     "s3_config_from_env",
 ]

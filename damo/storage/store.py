@@ -8,20 +8,26 @@ when the upload completes.
 
 from __future__ import annotations
 
+import datetime
 import enum
 import os
 import tempfile
-from dataclasses import dataclass
+import threading
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, BinaryIO
 from urllib.parse import unquote, urlparse
 
-from damo.config.schema import S3Config
+from pydantic import SecretStr
+
+from damo.config.schema import S3Config, StorageConfig
 
 if TYPE_CHECKING:
     import pyarrow.fs
 
 MULTIPART_THRESHOLD = 8 * 1024 * 1024
+COMPLETE_MARKER = ".complete"  # in a fetched directory: every object is there
+ETAGS_FILE = ".etags.json"  # in a fetched directory: relative key -> etag
 
 
 class Reason(enum.StrEnum):
@@ -32,6 +38,7 @@ class Reason(enum.StrEnum):
     AUTH = "bad_credentials"
     PERMISSION = "permission_denied"
     UNREACHABLE = "unreachable"
+    NOT_ALLOWED = "not_allowed"
     IO = "io_error"
 
 
@@ -90,20 +97,65 @@ def join(base: str, *parts: str) -> str:
 
 
 def s3_config_from_env(base: S3Config | None = None) -> S3Config:
-    """Fill unset S3 fields from the environment (AWS_* and DAMO_S3_ENDPOINT)."""
+    """Fill an unset endpoint (DAMO_S3_ENDPOINT, AWS_ENDPOINT_URL) and region (AWS_REGION,
+    AWS_DEFAULT_REGION) from the environment.
+
+    Credentials are deliberately not copied: with no key configured, boto3 and pyarrow each
+    use the default AWS credential chain, which knows session tokens, profiles, SSO and
+    instance roles and refreshes temporary credentials on long runs.
+    """
     cfg = base or S3Config()
     return cfg.model_copy(
         update={
             "endpoint_url": cfg.endpoint_url
             or os.environ.get("DAMO_S3_ENDPOINT")
             or os.environ.get("AWS_ENDPOINT_URL"),
-            "region": os.environ.get("AWS_DEFAULT_REGION", cfg.region)
-            if cfg.region == S3Config().region
-            else cfg.region,
-            "access_key_id": cfg.access_key_id or os.environ.get("AWS_ACCESS_KEY_ID"),
-            "secret_access_key": cfg.secret_access_key or os.environ.get("AWS_SECRET_ACCESS_KEY"),
+            "region": cfg.region
+            or os.environ.get("AWS_REGION")
+            or os.environ.get("AWS_DEFAULT_REGION"),
         }
     )
+
+
+@dataclass(frozen=True)
+class Credentials:
+    """Explicit keys, or all None for the default credential chain. Kept in memory only."""
+
+    access_key_id: str | None = None
+    secret_access_key: str | None = field(default=None, repr=False)
+    session_token: str | None = field(default=None, repr=False)
+
+
+def explicit_credentials(s3: S3Config) -> Credentials:
+    """The configured keys (with their session token), or empty ones meaning "use the chain"."""
+    if not s3.access_key_id and s3.secret_access_key is None:
+        return Credentials()
+    if not s3.access_key_id or s3.secret_access_key is None:
+        missing = "secret_access_key" if s3.access_key_id else "access_key_id"
+        raise StorageError(
+            "storage.s3",
+            Reason.AUTH,
+            f"storage.s3.{missing} is not set while the other key is (a redacted config dump "
+            "read back has no secret); set both, or neither to use the AWS credential chain",
+        )
+    token = _reveal(s3.session_token)
+    if token is None and os.environ.get("AWS_ACCESS_KEY_ID") == s3.access_key_id:
+        token = os.environ.get("AWS_SESSION_TOKEN")  # the env's token belongs to the env's key
+    return Credentials(s3.access_key_id, _reveal(s3.secret_access_key), token)
+
+
+def _reveal(secret: SecretStr | str | None) -> str | None:
+    # `model_copy(update=...)` skips validation, so a plain str may sit where a SecretStr goes
+    return secret.get_secret_value() if isinstance(secret, SecretStr) else secret
+
+
+@dataclass(frozen=True)
+class ObjectInfo:
+    """One listed object: what a listing already says, so nobody has to HEAD it again."""
+
+    uri: str
+    size: int
+    etag: str
 
 
 _S3_CODES = {
@@ -120,7 +172,35 @@ _S3_CODES = {
     "403": Reason.PERMISSION,
     "Forbidden": Reason.PERMISSION,
     "InvalidRange": Reason.IO,
+    "PreconditionFailed": Reason.IO,  # a pinned download: the object changed since listed
 }
+
+
+def _fast_timestamp(value: str) -> datetime.datetime:
+    """ISO 8601 timestamps (a listing has one per object) via the C parser; anything else
+    (HTTP dates) via botocore's own. botocore's default, dateutil, takes ~75% of the time of
+    listing 1,000 objects."""
+    from botocore.utils import parse_timestamp
+
+    try:
+        return datetime.datetime.fromisoformat(value)
+    except (TypeError, ValueError):
+        return parse_timestamp(value)
+
+
+def _botocore_session():
+    import botocore.session
+
+    session = botocore.session.get_session()
+    session.get_component("response_parser_factory").set_parser_defaults(
+        timestamp_parser=_fast_timestamp
+    )
+    return session
+
+
+# A bucket's region is fixed for its life: resolve it once per process (endpoint, bucket).
+_BUCKET_REGIONS: dict[tuple[str | None, str], str] = {}
+_BUCKET_REGIONS_LOCK = threading.Lock()
 
 
 class Storage:
@@ -137,12 +217,14 @@ class Storage:
             import boto3
             from botocore.config import Config
 
-            self._client = boto3.client(
+            creds = explicit_credentials(self.s3)
+            self._client = boto3.session.Session(botocore_session=_botocore_session()).client(
                 "s3",
                 endpoint_url=self.s3.endpoint_url,
-                region_name=self.s3.region,
-                aws_access_key_id=self.s3.access_key_id,
-                aws_secret_access_key=self.s3.secret_access_key,
+                region_name=self.s3.region,  # None: the profile's region, else us-east-1
+                aws_access_key_id=creds.access_key_id,
+                aws_secret_access_key=creds.secret_access_key,
+                aws_session_token=creds.session_token,
                 config=Config(
                     connect_timeout=self.s3.connect_timeout_s,
                     read_timeout=self.s3.read_timeout_s,
@@ -153,16 +235,49 @@ class Storage:
             )
         return self._client
 
+    def bucket_region(self, bucket: str) -> str:
+        """The region a bucket lives in (its `x-amz-bucket-region`), else the configured one.
+
+        boto3 follows S3's region redirects by itself; pyarrow does not, and a bucket in
+        another region then fails with a 301. Resolved once per process and bucket.
+        """
+        cache_key = (self.s3.endpoint_url, bucket)
+        if cache_key in _BUCKET_REGIONS:
+            return _BUCKET_REGIONS[cache_key]
+        from botocore.exceptions import ClientError
+
+        region = None
+        try:
+            head = self.client.head_bucket(Bucket=bucket)
+            region = head["ResponseMetadata"]["HTTPHeaders"].get("x-amz-bucket-region")
+            known = True  # the bucket answered: whatever it said (or not) holds from now on
+        except ClientError as err:  # a 301 or 403 still names the region
+            headers = err.response.get("ResponseMetadata", {}).get("HTTPHeaders", {})
+            region = headers.get("x-amz-bucket-region")
+            known = region is not None
+        except StorageError:
+            raise
+        except Exception:  # unreachable, no credentials, ...: the operation itself will say
+            known = False
+        region = region or self.s3.region or "us-east-1"
+        if known:
+            with _BUCKET_REGIONS_LOCK:
+                _BUCKET_REGIONS[cache_key] = region
+        return region
+
     def _s3_error(self, loc: Location, err: Exception) -> StorageError:
         from botocore.exceptions import (
             ClientError,
             EndpointConnectionError,
             NoCredentialsError,
+            PartialCredentialsError,
         )
         from botocore.exceptions import (
             ConnectionError as BotoConnectionError,
         )
 
+        if isinstance(err, StorageError):  # ours already (e.g. half-configured keys)
+            return StorageError(err.uri, err.reason, err.detail)
         if isinstance(err, ClientError):
             code = str(err.response.get("Error", {}).get("Code", ""))
             message = err.response.get("Error", {}).get("Message") or str(err)
@@ -174,8 +289,12 @@ class Storage:
             if reason is Reason.NO_BUCKET:
                 message = f"bucket '{loc.bucket}' does not exist"
             return StorageError(loc.uri, reason, f"{message} (S3 code {code})")
-        if isinstance(err, NoCredentialsError):
-            return StorageError(loc.uri, Reason.AUTH, "no S3 credentials configured")
+        if isinstance(err, (NoCredentialsError, PartialCredentialsError)):
+            return StorageError(
+                loc.uri,
+                Reason.AUTH,
+                f"no usable S3 credentials (storage.s3 keys or the AWS credential chain): {err}",
+            )
         if isinstance(err, (EndpointConnectionError, BotoConnectionError)):
             return StorageError(
                 loc.uri,
@@ -196,8 +315,14 @@ class Storage:
         loc = parse_uri(uri)
         if loc.scheme != "s3" or self._bucket_exists(loc):
             return
+        region = self.s3.region
         try:
-            self.client.create_bucket(Bucket=loc.bucket)
+            if region and region != "us-east-1":  # S3 wants other regions spelled out
+                self.client.create_bucket(
+                    Bucket=loc.bucket, CreateBucketConfiguration={"LocationConstraint": region}
+                )
+            else:
+                self.client.create_bucket(Bucket=loc.bucket)
         except Exception as err:
             code = getattr(err, "response", {}).get("Error", {}).get("Code", "")
             if code not in ("BucketAlreadyOwnedByYou", "BucketAlreadyExists"):
@@ -283,16 +408,28 @@ class Storage:
             raise self._s3_error(loc, cause if isinstance(cause, Exception) else err) from err
 
     def upload_file(self, local_path: str | os.PathLike, uri: str) -> None:
-        with open(local_path, "rb") as f:
-            self.write_stream(uri, f)
+        try:
+            with open(local_path, "rb") as f:
+                self.write_stream(uri, f)
+        except OSError as err:  # opening or reading the local file
+            raise self._local_error(parse_uri(os.fspath(local_path)), err) from err
 
-    def download_file(self, uri: str, local_path: str | os.PathLike) -> None:
-        """Copy an object to a local file, atomically."""
+    def download_file(
+        self, uri: str, local_path: str | os.PathLike, listed: ObjectInfo | None = None
+    ) -> None:
+        """Copy an object to a local file, atomically.
+
+        With `listed` (from `list_objects`) no HEAD request is made, and the download is
+        pinned to the listed version: if the object changed since, it fails rather than mix.
+        """
         target = Path(local_path)
-        target.parent.mkdir(parents=True, exist_ok=True)
         loc = parse_uri(uri)
-        fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.tmp-")
-        os.close(fd)
+        try:
+            target.parent.mkdir(parents=True, exist_ok=True)
+            fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.tmp-")
+            os.close(fd)
+        except OSError as err:
+            raise self._local_error(parse_uri(str(target)), err) from err
         try:
             if loc.scheme == "file":
                 import shutil
@@ -303,12 +440,36 @@ class Storage:
                     raise self._local_error(loc, err) from err
             else:
                 try:
-                    self.client.download_file(loc.bucket, loc.key, tmp)
+                    self._s3_download(loc, tmp, listed)
                 except Exception as err:
                     raise self._s3_error(loc, err) from err
-            os.replace(tmp, target)
+            try:
+                os.replace(tmp, target)
+            except OSError as err:
+                raise self._local_error(parse_uri(str(target)), err) from err
         finally:
             Path(tmp).unlink(missing_ok=True)
+
+    def _s3_download(self, loc: Location, tmp: str, listed: ObjectInfo | None) -> None:
+        from boto3.s3.transfer import TransferConfig
+        from s3transfer.manager import TransferManager
+        from s3transfer.subscribers import BaseSubscriber
+
+        class KnownObject(BaseSubscriber):
+            """The size and etag are known: no HEAD, and the etag is every GET's IfMatch."""
+
+            def on_queued(self, future, **_):
+                future.meta.provide_transfer_size(listed.size)
+                future.meta.provide_object_etag(f'"{listed.etag}"')
+
+        subscribers = [KnownObject()] if listed is not None else None
+        config = TransferConfig(
+            multipart_threshold=MULTIPART_THRESHOLD,
+            multipart_chunksize=MULTIPART_THRESHOLD,
+            max_concurrency=4,
+        )
+        with TransferManager(self.client, config) as manager:
+            manager.download(loc.bucket, loc.key, tmp, subscribers=subscribers).result()
 
     def stat(self, uri: str) -> dict:
         """{"size": bytes, "etag": str}: what identifies a version of an object."""
@@ -338,30 +499,52 @@ class Storage:
 
     def list(self, prefix_uri: str) -> list[str]:
         """Every object under a prefix (recursively), as URIs in sorted order."""
+        return [info.uri for info in self.list_objects(prefix_uri)]
+
+    def list_objects(self, prefix_uri: str) -> list[ObjectInfo]:
+        """Every object under a prefix with its size and etag, sorted by URI.
+
+        One paginated listing (1,000 objects a request on S3), no request per object. Temp
+        files of unfinished local writes and S3 "directory" markers are left out. A local
+        file's etag is its size and mtime, the same as `stat` gives.
+        """
         loc = parse_uri(prefix_uri)
         if loc.scheme == "file":
-            root = Path(loc.path)
             form = "file://{}" if prefix_uri.startswith("file://") else "{}"
-            if root.is_file():
-                return [form.format(root)]
-            if not root.exists():
-                return []
-            return sorted(
-                form.format(p) for p in root.rglob("*") if p.is_file() and ".tmp-" not in p.name
-            )
-        out: list[str] = []
+            try:
+                root = Path(loc.path)
+                if root.is_file():
+                    paths = [root]
+                elif not root.exists():
+                    return []
+                else:
+                    paths = [p for p in root.rglob("*") if p.is_file() and ".tmp-" not in p.name]
+                out = []
+                for path in paths:
+                    try:
+                        st = path.stat()
+                    except FileNotFoundError:  # removed since the walk saw it
+                        continue
+                    etag = f"{st.st_size:x}-{st.st_mtime_ns:x}"
+                    out.append(ObjectInfo(form.format(path), st.st_size, etag))
+            except OSError as err:
+                raise self._local_error(loc, err) from err
+            return sorted(out, key=lambda info: info.uri)
+        out = []
         try:
             paginator = self.client.get_paginator("list_objects_v2")
             for page in paginator.paginate(Bucket=loc.bucket, Prefix=loc.key):
                 out.extend(
-                    f"s3://{loc.bucket}/{obj['Key']}"
+                    ObjectInfo(
+                        f"s3://{loc.bucket}/{obj['Key']}", obj["Size"], obj["ETag"].strip('"')
+                    )
                     for obj in page.get("Contents", [])
                     # zero-byte "directory" markers (pyarrow's create_dir writes them) are no files
                     if not obj["Key"].endswith("/")
                 )
         except Exception as err:
             raise self._s3_error(loc, err) from err
-        return sorted(out)
+        return sorted(out, key=lambda info: info.uri)
 
     def delete(self, uri: str) -> None:
         """Delete one object. Deleting something that is not there is an error."""
@@ -383,8 +566,12 @@ class Storage:
         root = Path(local_dir)
         if not root.is_dir():
             raise StorageError(str(root), Reason.NOT_FOUND, "not a directory")
+        try:
+            paths = sorted(p for p in root.rglob("*") if p.is_file())
+        except OSError as err:
+            raise self._local_error(parse_uri(str(root)), err) from err
         written = []
-        for path in sorted(p for p in root.rglob("*") if p.is_file()):
+        for path in paths:
             target = join(uri, path.relative_to(root).as_posix())
             self.upload_file(path, target)
             written.append(target)
@@ -393,11 +580,18 @@ class Storage:
     def fetch_dir(self, uri: str, cache_root: str | os.PathLike | None = None) -> Path:
         """A local directory holding everything under `uri` (a model dir, say).
 
-        Local URIs are returned as they are. Remote ones are downloaded into a cache keyed by
-        the URI and the objects' etags, so an unchanged directory is fetched once and a changed
-        one is fetched again.
+        Local URIs are returned as they are. Remote ones go to a per-node cache (`cache_root`,
+        else $DAMO_CACHE, else ~/.cache/damo) shared by every process on the node: a file lock
+        lets one process download while the others wait, and each version of the directory
+        (keyed by the listed etags) is a complete, never-modified folder. An object whose etag
+        is unchanged since an older version is hard-linked, not downloaded again.
+
+        Keys that would land outside the folder (`..`, empty or absolute segments) are refused.
         """
         import hashlib
+        import json
+
+        from filelock import FileLock
 
         loc = parse_uri(uri)
         if loc.scheme == "file":
@@ -405,19 +599,71 @@ class Storage:
                 raise StorageError(uri, Reason.NOT_FOUND, f"no such directory: {loc.path}")
             return Path(loc.path)
         prefix = uri.rstrip("/") + "/"
-        objects = self.list(prefix)
+        objects = self.list_objects(prefix)
         if not objects:
             raise StorageError(uri, Reason.NOT_FOUND, "no objects under this prefix")
-        etags = "".join(f"{o}={self.stat(o)['etag']};" for o in objects)
-        digest = hashlib.sha256(etags.encode()).hexdigest()[:16]
-        cache = Path(cache_root or os.environ.get("DAMO_CACHE", Path.home() / ".cache" / "damo"))
-        target = cache / "dirs" / f"{loc.bucket}-{loc.key.strip('/').replace('/', '_')}-{digest}"
-        if (target / ".complete").exists():
+        etags = {_relative_key(prefix, info.uri): info.etag for info in objects}
+        digest = hashlib.sha256(json.dumps(etags, sort_keys=True).encode()).hexdigest()[:16]
+        cache = Path(cache_root or os.environ.get("DAMO_CACHE") or Path.home() / ".cache" / "damo")
+        name = f"{loc.bucket}-{loc.key.strip('/').replace('/', '_')}"[:80]
+        home = cache / "dirs" / f"{name}-{hashlib.sha256(prefix.encode()).hexdigest()[:8]}"
+        target = home / digest
+        if (target / COMPLETE_MARKER).exists():  # versions never change once complete
             return target
-        for obj in objects:
-            self.download_file(obj, target / obj[len(prefix) :])
-        (target / ".complete").touch()
+        try:
+            home.mkdir(parents=True, exist_ok=True)
+            with FileLock(str(home) + ".lock"):
+                if (target / COMPLETE_MARKER).exists():
+                    return target
+                self._fill_version(home, target, prefix, objects, etags)
+        except OSError as err:
+            raise StorageError(
+                uri, Reason.IO, f"cache {home}: {type(err).__name__}: {err}"
+            ) from err
         return target
+
+    def _fill_version(
+        self, home: Path, target: Path, prefix: str, objects: list[ObjectInfo], etags: dict
+    ) -> None:
+        """Build `target` in a staging folder (links to unchanged files, downloads for the
+        rest), then rename it into place. Runs under the directory's lock."""
+        import json
+        import shutil
+
+        reusable: dict[tuple[str, str], Path] = {}  # (relative key, etag) -> a cached copy
+        for version in home.iterdir():
+            manifest = version / ETAGS_FILE
+            if version.name.startswith(".") or not (version / COMPLETE_MARKER).exists():
+                continue
+            for rel, etag in json.loads(manifest.read_text()).items():
+                reusable.setdefault((rel, etag), version / rel)
+        staging = home / f".staging-{target.name}-{os.getpid()}"
+        shutil.rmtree(staging, ignore_errors=True)
+        try:
+            self._stage(staging, prefix, objects, reusable)
+            (staging / ETAGS_FILE).write_text(json.dumps(etags, sort_keys=True))
+            (staging / COMPLETE_MARKER).touch()
+            shutil.rmtree(target, ignore_errors=True)  # an incomplete leftover of a crash
+            os.replace(staging, target)
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
+
+    def _stage(self, staging: Path, prefix: str, objects: list[ObjectInfo], reusable: dict) -> None:
+        root = staging.resolve()
+        for info in objects:
+            rel = _relative_key(prefix, info.uri)
+            dest = (staging / rel).resolve()
+            if not dest.is_relative_to(root):  # belt and braces after _relative_key
+                raise StorageError(info.uri, Reason.INVALID_URI, f"key escapes {staging}")
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            cached = reusable.get((rel, info.etag))
+            if cached is not None:
+                try:
+                    os.link(cached, dest)
+                    continue
+                except OSError:  # another filesystem, or links not allowed: download
+                    pass
+            self.download_file(info.uri, dest, listed=info)
 
     def pyarrow_filesystem(self, uri: str) -> tuple[pyarrow.fs.FileSystem, str]:
         """(filesystem, path) for pyarrow / Ray Data. The filesystem pickles to workers."""
@@ -427,15 +673,23 @@ class Storage:
         if loc.scheme == "file":
             return pafs.LocalFileSystem(), loc.path
         endpoint = urlparse(self.s3.endpoint_url) if self.s3.endpoint_url else None
-        fs = pafs.S3FileSystem(
-            access_key=self.s3.access_key_id,
-            secret_key=self.s3.secret_access_key,
-            region=self.s3.region,
-            endpoint_override=endpoint.netloc if endpoint else None,
-            scheme=endpoint.scheme if endpoint else "https",
-            connect_timeout=self.s3.connect_timeout_s,
-            request_timeout=self.s3.read_timeout_s,
-        )
+        creds = explicit_credentials(self.s3)
+        try:
+            fs = pafs.S3FileSystem(
+                # all None: pyarrow's own default AWS chain on whichever node unpickles it
+                access_key=creds.access_key_id,
+                secret_key=creds.secret_access_key,
+                session_token=creds.session_token,
+                region=self.bucket_region(loc.bucket),
+                endpoint_override=endpoint.netloc if endpoint else None,
+                scheme=endpoint.scheme if endpoint else "https",
+                connect_timeout=self.s3.connect_timeout_s,
+                request_timeout=self.s3.read_timeout_s,
+            )
+        except (OSError, ValueError) as err:
+            raise StorageError(
+                uri, Reason.IO, f"cannot open pyarrow's S3 filesystem: {err}"
+            ) from err
         return fs, fs_path(uri)
 
     def parquet_files(self, prefix_uri: str) -> tuple[pyarrow.fs.FileSystem, list[str]]:
@@ -447,6 +701,21 @@ class Storage:
         prefix = prefix_uri.rstrip("/") + "/"
         paths = [fs_path(uri) for uri in self.list(prefix) if uri.endswith(".parquet")]
         return fs, paths
+
+
+def _relative_key(prefix: str, uri: str) -> str:
+    """The part of `uri` below `prefix`, refused when it could leave a local folder."""
+    rel = uri[len(prefix) :]
+    segments = rel.split("/")
+    bad = [seg for seg in segments if seg in ("", ".", "..") or "\\" in seg]
+    if not rel or bad or rel.startswith("/"):
+        raise StorageError(
+            uri,
+            Reason.INVALID_URI,
+            f"key '{rel}' has an empty, '.', '..' or backslash segment and could be written "
+            "outside the target folder",
+        )
+    return rel
 
 
 def fs_path(uri: str) -> str:
@@ -488,3 +757,18 @@ def is_allowed(uri: str, prefixes: list[str]) -> bool:
             if real == root or real.startswith(root.rstrip(os.sep) + os.sep):
                 return True
     return False
+
+
+def require_allowed(uri: str, allowed: StorageConfig | list[str], what: str = "URI") -> str:
+    """`uri` itself if it lies under `storage.allowed_prefixes`, else a StorageError with
+    reason `not_allowed`. An empty list means no restriction (the default), so the setting
+    only takes effect once a deployment lists its prefixes. Call it wherever a user-supplied
+    URI enters: CLI options, job arguments, evaluation inputs, Serve requests."""
+    prefixes = allowed.allowed_prefixes if isinstance(allowed, StorageConfig) else allowed
+    if prefixes and not is_allowed(uri, prefixes):
+        raise StorageError(
+            uri,
+            Reason.NOT_ALLOWED,
+            f"{what} is outside storage.allowed_prefixes ({', '.join(prefixes)})",
+        )
+    return uri

@@ -99,7 +99,9 @@ def fit_stage(
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config={
-            "cfg": cfg.model_dump(mode="json"),
+            # the model itself, not a JSON dump: a dump masks secrets, a pickle keeps them for
+            # the workers, and Ray's run state records only str(cfg), which masks them too
+            "cfg": cfg,
             "stage": stage,
             "init_checkpoint": init_checkpoint,
             "total_steps": total_steps,
