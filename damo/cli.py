@@ -310,10 +310,11 @@ def model_params(preset: Preset, overrides: Overrides = None) -> None:
     console.print(f"trainable total: {sum(counts['components'].values()):,}")
     vision = cfg.vision.hub_id or cfg.vision.model_type
     llm = cfg.llm.hub_id or cfg.llm.model_type
-    console.print(f"backbones: vision {vision} ({cfg.vision.library}), LLM {llm}")
+    console.print(f"backbones: vision {vision} ({cfg.vision.library}), LLM {llm}", soft_wrap=True)
     console.print(
         f"LLM input tokens per video: {cfg.bridge.queries} soft-prompt tokens for "
-        f"{naive_visual_tokens(cfg):,} per-patch tokens: ratio {compression_ratio(cfg):.1f}x"
+        f"{naive_visual_tokens(cfg):,} per-patch tokens: ratio {compression_ratio(cfg):.1f}x",
+        soft_wrap=True,
     )
 
 
@@ -402,7 +403,12 @@ def backbones_prepare(
         )
         raise typer.Exit(code=2)
     cfg = load_config(config or "default", overrides or [])
-    prepare_backbones(out, sources, storage=Storage(cfg.storage.s3), log=console.print)
+    prepare_backbones(
+        out,
+        sources,
+        storage=Storage(cfg.storage.s3),
+        log=lambda message: console.print(escape(message), soft_wrap=True),
+    )
     console.print(f"backbones prepared under {escape(out)}: {', '.join(sources)}")
 
 

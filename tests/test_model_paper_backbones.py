@@ -422,14 +422,16 @@ def test_llm_loads_straight_into_bf16_without_a_second_copy(tmp_path):
     bfloat16 needs one bf16 copy: S/2 for a float32 file of S bytes. Any second copy (a random
     float32 init, or the state dict read into memory) adds at least another S/2. The bound,
     0.75 S, sits halfway; the naive path is measured too, to show the probe sees a copy.
+    Measured on a 30M-parameter model (S = 115 MiB): 59 MiB loading the platform's way,
+    130 MiB the naive way.
     """
     config = MistralConfig(
         hidden_size=512,
         intermediate_size=1536,
-        num_hidden_layers=8,
+        num_hidden_layers=4,
         num_attention_heads=8,
         num_key_value_heads=8,
-        vocab_size=32000,
+        vocab_size=16000,
         tie_word_embeddings=False,
     )
     with torch.device("meta"):
