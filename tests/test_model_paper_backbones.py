@@ -314,6 +314,18 @@ def test_missing_weights_fail_early_with_the_fetch_command(tiny_backbones, tmp_p
         locate("audio", audio, None)
 
 
+def test_extraction_checks_the_encoders_before_starting_workers(tmp_path):
+    from damo.data.extract import extract_features
+    from damo.storage import Storage
+
+    cfg = load_config("paper", [f"storage.root={tmp_path}"])
+    vision = cfg.model.vision.model_copy(update={"path": str(tmp_path / "vision")})
+    cfg = cfg.model_copy(update={"model": cfg.model.model_copy(update={"vision": vision})})
+    with pytest.raises(MissingBackboneError, match="model.vision .*hf download timm/eva02"):
+        extract_features(["a.mp4"], str(tmp_path / "out"), cfg, storage=Storage())
+    assert not (tmp_path / "out").exists()
+
+
 def test_cli_reports_missing_weights_in_one_line(tmp_path):
     result = CliRunner().invoke(
         app, ["backbones", "prepare", "--llava", str(tmp_path / "none"), "--out", str(tmp_path)]

@@ -100,6 +100,16 @@ def locate(name: str, cfg: BackboneConfig, resolve: Resolve | None) -> Path:
     return directory
 
 
+def require_present(name: str, cfg: BackboneConfig, exists: Callable[[str], bool]) -> None:
+    """A cheap check, before a job starts workers that would load backbone `name`, that its
+    config.json is where the config points (`exists` answers for a path or URI)."""
+    if is_hub_name(cfg.path):
+        if not _hub_cached(cfg.path):
+            raise _missing(name, cfg, f"the hub cache (offline) for {cfg.path}")
+    elif not exists(f"{cfg.path.rstrip('/')}/config.json"):
+        raise _missing(name, cfg, cfg.path)
+
+
 def _hub_cached(repo_id: str) -> bool:
     """Online, transformers downloads a hub name; offline it must be in the local cache."""
     from huggingface_hub import constants, try_to_load_from_cache
