@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import sys
 from pathlib import Path
 from typing import Annotated
 
@@ -38,6 +39,21 @@ Overrides = Annotated[
 ]
 
 
+# Expected errors of modules that load lazily (torch, transformers): an error can only be of one
+# of these types once its module is loaded, so the check never imports them.
+LAZY_ERRORS = (
+    ("damo.model.backbones", "MissingBackboneError"),
+    ("damo.model.llava", "LlavaConversionError"),
+)
+
+
+def expected_errors() -> tuple[type[Exception], ...]:
+    lazy = tuple(
+        getattr(sys.modules[module], name) for module, name in LAZY_ERRORS if module in sys.modules
+    )
+    return (ConfigError, StorageError, EmbeddedS3Error, *lazy)
+
+
 def friendly_errors(func):
     """Turn the project's expected errors into a one-line message and exit code 2."""
 
@@ -45,7 +61,9 @@ def friendly_errors(func):
     def wrapper(*args, **kwargs):
         try:
             return func(*args, **kwargs)
-        except (ConfigError, StorageError, EmbeddedS3Error) as err:
+        except Exception as err:
+            if not isinstance(err, expected_errors()):
+                raise
             err_console.print(
                 f"[bold red]error:[/] {escape(str(err))}", highlight=False, soft_wrap=True
             )
@@ -286,9 +304,10 @@ def model_params(preset: Preset, overrides: Overrides = None) -> None:
     """Parameter counts (frozen backbones, trainable components, per stage), on meta device."""
     from rich.table import Table
 
-    from damo.model.accounting import parameter_counts
+    from damo.model.accounting import compression_ratio, naive_visual_tokens, parameter_counts
 
-    counts = parameter_counts(load_config(preset, overrides or []).model)
+    cfg = load_config(preset, overrides or []).model
+    counts = parameter_counts(cfg)
     table = Table(title=f"DaMO parameters ({preset})")
     table.add_column("group")
     table.add_column("name")
@@ -300,6 +319,14 @@ def model_params(preset: Preset, overrides: Overrides = None) -> None:
     console.print(table)
     console.print(f"frozen total: {sum(counts['frozen'].values()):,}")
     console.print(f"trainable total: {sum(counts['components'].values()):,}")
+    vision = cfg.vision.hub_id or cfg.vision.model_type
+    llm = cfg.llm.hub_id or cfg.llm.model_type
+    console.print(f"backbones: vision {vision} ({cfg.vision.library}), LLM {llm}", soft_wrap=True)
+    console.print(
+        f"LLM input tokens per video: {cfg.bridge.queries} soft-prompt tokens for "
+        f"{naive_visual_tokens(cfg):,} per-patch tokens: ratio {compression_ratio(cfg):.1f}x",
+        soft_wrap=True,
+    )
 
 
 @backbones_app.command("make-tiny")
@@ -331,6 +358,70 @@ def backbones_make_tiny(
     )
     total = sum(v for k, v in timings.items() if k.endswith("_s"))
     console.print(f"tiny backbones written to {escape(out)} in {total:.1f}s")
+
+
+@backbones_app.command("prepare")
+@friendly_errors
+def backbones_prepare(
+    out: Annotated[
+        str,
+        typer.Option(
+            help="Backbone root (path, file:// or s3://): writes <out>/llm, <out>/vision..."
+        ),
+    ],
+    llava: Annotated[
+        str | None,
+        typer.Option(
+            help="A LlavaNext checkpoint (hf download llava-hf/llava-v1.6-mistral-7b-hf): its "
+            "language model becomes <out>/llm; the vision tower and projector are dropped."
+        ),
+    ] = None,
+    vision: Annotated[
+        str | None, typer.Option(help="A downloaded vision checkpoint, copied to <out>/vision.")
+    ] = None,
+    audio: Annotated[
+        str | None, typer.Option(help="A downloaded Whisper checkpoint, copied to <out>/audio.")
+    ] = None,
+    text_encoder: Annotated[
+        str | None,
+        typer.Option(help="A downloaded text encoder, copied to <out>/text_encoder."),
+    ] = None,
+    config: ConfigName = None,
+    overrides: Overrides = None,
+) -> None:
+    """Put downloaded checkpoints into the backbone layout the platform loads (local or S3).
+
+    The paper's LLM is the Mistral-7B inside LLaVA-v1.6: --llava extracts it as a standard
+    causal-LM directory (safetensors, config, tokenizer, chat template) and reports what it
+    dropped.
+    """
+    from damo.data.backbones import prepare_backbones
+    from damo.storage import Storage
+
+    sources = {
+        name: source
+        for name, source in (
+            ("llm", llava),
+            ("vision", vision),
+            ("audio", audio),
+            ("text_encoder", text_encoder),
+        )
+        if source is not None
+    }
+    if not sources:
+        err_console.print(
+            "[bold red]error:[/] nothing to prepare: pass --llava, --vision, --audio "
+            "or --text-encoder"
+        )
+        raise typer.Exit(code=2)
+    cfg = load_config(config or "default", overrides or [])
+    prepare_backbones(
+        out,
+        sources,
+        storage=Storage(cfg.storage.s3),
+        log=lambda message: console.print(escape(message), soft_wrap=True),
+    )
+    console.print(f"backbones prepared under {escape(out)}: {', '.join(sources)}")
 
 
 # ---- data -----------------------------------------------------------------------------------

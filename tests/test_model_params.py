@@ -1,11 +1,13 @@
 """Parameter counts of the paper preset, printed by `damo model params paper`.
 
 Tolerances, and where they come from:
-- Frozen backbones are compared with their published sizes (Mistral-7B 7.24B, CLIP ViT-L/14
-  vision tower 304M, BERT-base 110M). Published sizes are rounded to three significant figures
-  (up to 0.5% off) and we leave out heads DaMO does not use (CLIP's 0.8M visual projection,
-  0.26%), so 1% covers both. The Whisper-small encoder has no published figure of its own: it
-  is checked against its closed form (convs, positions, 12 pre-LN layers) exactly.
+- Frozen backbones are compared with their published sizes (Mistral-7B 7.24B; the EVA-CLIP
+  paper's 304M for the EVA02-CLIP-L/14 image encoder; BERT-base 110M). Published sizes are
+  rounded to three significant figures (up to 0.5% off) and we leave out heads DaMO does not
+  use (EVA-CLIP's 0.8M projection to the joint space, 0.26%), and LLaVA's LLM has 64 more
+  vocabulary rows than Mistral's (0.5M, 0.007%), so 1% covers all three. The Whisper-small
+  encoder has no published figure of its own: it is checked against its closed form (convs,
+  positions, 12 pre-LN layers) exactly.
 - DaMO's own components are checked against closed forms derived below from the architecture
   (every weight and bias of every block), within 0.1%: enough to absorb nothing but a typo in
   a formula, so a block added to or dropped from the model fails the test.
@@ -101,6 +103,10 @@ def printed_counts() -> dict[str, int]:
     rows = re.findall(r"(frozen|trainable|trained in)\s*│\s*(\w+)\s*│\s*([\d,]+)", result.output)
     assert len(rows) == 14, result.output
     assert "frozen total" in result.output and "trainable total" in result.output
+    # the paper's backbones, and the token ratio: 24 frames x 256 patches / 32 soft-prompt tokens
+    assert "vision timm/eva02_large_patch14_clip_224.merged2b (timm)" in result.output
+    assert "LLM llava-hf/llava-v1.6-mistral-7b-hf" in result.output
+    assert "6,144 per-patch tokens: ratio 192.0x" in result.output
     return {name: int(value.replace(",", "")) for _, name, value in rows}
 
 

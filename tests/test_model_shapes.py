@@ -83,7 +83,7 @@ def test_frozen_encoders_produce_the_feature_contract(preset):
     assert not any(p.requires_grad for p in encoders.parameters())
     assert not encoders.train().training  # always eval
     dim, patches = vision_geometry(cfg.vision)
-    size = cfg.vision.arch["image_size"]
+    size = cfg.vision.arch.get("image_size") or cfg.vision.arch["img_size"]  # HF or timm
     frames = encoders.encode_frames(torch.zeros(3, 3, size, size, device=device))
     assert frames.shape == (3, 1 + patches, dim)
     audio = encoders.encode_audio(torch.zeros(2, 80, cfg.audio.window_frames, device=device))

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import Field
+from pydantic import Field, field_validator
 
 from damo.config.schema import Section
 
@@ -19,34 +19,62 @@ Component = Literal["residual", "temporal", "fuseformer", "bridge", "heads", "lo
 
 
 class BackboneConfig(Section):
-    path: str = Field(description="Local dir, file:// or s3:// URI, or hub name of the weights.")
+    path: str = Field(
+        description="Where the platform loads the weights from: a local dir, a file:// or s3:// "
+        "URI (the backbone layout, <root>/vision, <root>/llm, ...), or a hub name."
+    )
     model_type: str = Field(description="HF model type, for building from `arch` alone.")
     arch: dict[str, Any] = Field(
         default_factory=dict, description="HF config fields used when building without weights."
     )
+    hub_id: str | None = Field(
+        default=None,
+        description="The hub repository the weights come from; named, with the `hf download` "
+        "command that fetches it, when `path` holds no weights.",
+    )
 
 
-# (paper) EVA-CLIP ViT-L/14; (default) the HF stand-in CLIP ViT-L/14 at 224 px: 256 patches + CLS.
+# (paper) EVA-CLIP ViT-L/14, i.e. EVA02-CLIP-L/14 (the EVA-CLIP family's only ViT-L/14), at
+# 224 px: 256 patches + CLS. Its image tower is timm's `eva02_large_patch14_clip_224` (the CLIP
+# text tower is not needed). `library: transformers` with `model_type: clip_vision_model` and
+# CLIP's arch fields selects the HF stand-in, OpenAI CLIP ViT-L/14, instead.
 class VisionEncoderConfig(BackboneConfig):
-    path: str = "openai/clip-vit-large-patch14"
-    model_type: str = "clip_vision_model"
+    path: str = "s3://damo/backbones/paper/vision"
+    library: Literal["timm", "transformers"] = Field(
+        default="timm",
+        description="timm: `model_type` is a timm architecture and `arch` its create_model "
+        "arguments; transformers: an HF vision model type and config fields.",
+    )
+    model_type: str = "eva02_large_patch14_clip_224"
     arch: dict[str, Any] = Field(
         default_factory=lambda: {
-            "hidden_size": 1024,
-            "intermediate_size": 4096,
-            "num_hidden_layers": 24,
-            "num_attention_heads": 16,
-            "image_size": 224,
+            "img_size": 224,
             "patch_size": 14,
-            "projection_dim": 768,
+            "embed_dim": 1024,
+            "depth": 24,
+            "num_heads": 16,
         }
     )
+    hub_id: str | None = "timm/eva02_large_patch14_clip_224.merged2b"
+    feature_layer: int = Field(
+        default=-1,
+        description="(default) whose output the features are, counted as HF's hidden_states: "
+        "-1 the last layer, -2 the penultimate (LLaVA's choice), k > 0 the k-th layer.",
+    )
+
+    @field_validator("feature_layer")
+    @classmethod
+    def _not_the_embeddings(cls, value: int) -> int:
+        if value == 0:
+            raise ValueError("feature_layer 0 is the patch embeddings, not a layer's output")
+        return value
 
 
 # (paper) whisper-small; only its encoder is used.
 class AudioEncoderConfig(BackboneConfig):
-    path: str = "openai/whisper-small"
+    path: str = "s3://damo/backbones/paper/audio"
     model_type: str = "whisper"
+    hub_id: str | None = "openai/whisper-small"
     arch: dict[str, Any] = Field(
         default_factory=lambda: {
             "d_model": 768,
@@ -84,8 +112,9 @@ class AudioEncoderConfig(BackboneConfig):
 
 # (paper) a BERT-style text encoder for VTC/VTM; offline stand-in: the packaged MiniLM.
 class TextEncoderConfig(BackboneConfig):
-    path: str = "bert-base-uncased"
+    path: str = "s3://damo/backbones/paper/text_encoder"
     model_type: str = "bert"
+    hub_id: str | None = "google-bert/bert-base-uncased"
     arch: dict[str, Any] = Field(
         default_factory=lambda: {
             "hidden_size": 768,
@@ -107,10 +136,13 @@ class LoraConfig(Section):
     )
 
 
-# (paper) the Mistral-7B language model of LLaVA-v1.6, itself Mistral-7B-Instruct-v0.2 tuned;
-# point `path` at the extracted LLaVA language model to follow the paper to the letter.
+# (paper) the Mistral-7B language model of LLaVA-v1.6 (LLaVA-v1.6-Mistral-7B, itself tuned from
+# Mistral-7B-Instruct-v0.2). The hub holds it only inside the LlavaNext checkpoint
+# (`llava-hf/llava-v1.6-mistral-7b-hf`); `damo backbones prepare --llava` extracts it into
+# <root>/llm as a standard causal-LM directory. Its vocabulary is Mistral's 32000 tokens plus
+# LLaVA's `<image>` and padding: 32064.
 class LLMConfig(BackboneConfig):
-    path: str = "mistralai/Mistral-7B-Instruct-v0.2"
+    path: str = "s3://damo/backbones/paper/llm"
     model_type: str = "mistral"
     arch: dict[str, Any] = Field(
         default_factory=lambda: {
@@ -119,16 +151,27 @@ class LLMConfig(BackboneConfig):
             "num_hidden_layers": 32,
             "num_attention_heads": 32,
             "num_key_value_heads": 8,
-            "vocab_size": 32000,
+            "vocab_size": 32064,
             "max_position_embeddings": 32768,
             "rms_norm_eps": 1e-5,
             "rope_theta": 1000000.0,
             "tie_word_embeddings": False,
         }
     )
+    hub_id: str | None = "llava-hf/llava-v1.6-mistral-7b-hf"
+    hub_format: Literal["causal_lm", "llava_next"] = Field(
+        default="llava_next",
+        description="What `hub_id` holds: a causal LM to download as it is, or a LlavaNext "
+        "checkpoint whose language model `damo backbones prepare --llava` extracts.",
+    )
     video_token: str = "<video>"
     dtype: Literal["float32", "bfloat16", "float16"] = Field(
         default="bfloat16", description="Dtype of the frozen LLM weights."
+    )
+    gradient_checkpointing: bool = Field(
+        default=False,
+        description="Recompute the LLM's activations in the backward pass (LM stages): less "
+        "memory, about a third more compute.",
     )
     lora: LoraConfig = LoraConfig()
 
@@ -166,6 +209,10 @@ class FuseformerConfig(Section):
     audio_queries: int = Field(default=64, ge=1, description="(paper)")
     fusion_tokens: int = Field(default=128, ge=1, description="(paper)")
     dropout: float = Field(default=0.0, ge=0, lt=1)
+    gradient_checkpointing: bool = Field(
+        default=False,
+        description="Recompute each layer's activations in the backward pass: less memory.",
+    )
 
 
 class BridgeConfig(Section):

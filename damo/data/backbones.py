@@ -248,3 +248,76 @@ def make_tiny_backbones(
         (storage or Storage()).put_dir(tmp, out_uri)
         timings["upload_s"] = time.perf_counter() - start
     return timings
+
+
+# ---- the paper's backbones: put downloaded checkpoints into the backbone layout -------------
+def _has_weights(directory: Path) -> bool:
+    from damo.model.backbones import WEIGHT_FILES
+
+    has_config = (directory / "config.json").is_file()
+    return has_config and any((directory / name).is_file() for name in WEIGHT_FILES)
+
+
+def prepare_backbones(
+    out_uri: str,
+    sources: dict[str, str],
+    storage=None,
+    log: Callable[[str], None] = lambda message: None,
+) -> dict[str, object]:
+    """Write backbones into the layout `<out_uri>/{vision,audio,text_encoder,llm}`.
+
+    `sources` maps a backbone name to a local directory or URI holding a downloaded checkpoint
+    (`hf download ... --local-dir ...`). `llm` is a LlavaNext checkpoint whose language model is
+    extracted (damo/model/llava.py); the others are checked (config + weights) and copied as
+    they are. Each backbone is written beside its target and renamed (local) or uploaded whole
+    (S3), so a reader never sees half a directory. Returns {name: report}.
+    """
+    from damo.model.llava import extract_language_model
+    from damo.storage import Storage, parse_uri
+
+    unknown = sorted(set(sources) - {"vision", "audio", "text_encoder", "llm"})
+    if unknown:
+        raise ValueError(f"unknown backbones {unknown}")
+    if not sources:
+        raise ValueError("nothing to prepare: name at least one source")
+    storage = storage or Storage()
+    location = parse_uri(out_uri)
+    reports: dict[str, object] = {}
+    with tempfile.TemporaryDirectory(prefix="damo-backbones-") as tmp:
+        for name, source in sources.items():
+            directory = Path(storage.fetch_dir(source))
+            staged = Path(tmp) / name
+            if name == "llm":
+                report = extract_language_model(directory, staged)
+                dropped = ", ".join(
+                    f"{k} ({v:,} parameters)" for k, v in report.dropped_parameters.items()
+                )
+                log(
+                    f"llm: kept {report.kept_tensors} tensors ({report.kept_parameters:,} "
+                    f"parameters) of the language model; dropped {dropped or 'nothing'}; "
+                    f"chat template: {report.chat_template}"
+                )
+                reports[name] = report
+            else:
+                if not _has_weights(directory):
+                    raise ValueError(f"{source}: no config.json and weights: not a checkpoint")
+                shutil.copytree(directory, staged, ignore=shutil.ignore_patterns(".*"))
+                reports[name] = {"copied_from": source}
+                log(f"{name}: copied from {source}")
+            target = f"{out_uri.rstrip('/')}/{name}"
+            if location.scheme == "file":
+                final = Path(parse_uri(target).path)
+                final.parent.mkdir(parents=True, exist_ok=True)
+                moving = final.parent / f".{name}.tmp-{os.getpid()}"
+                shutil.move(staged, moving)
+                if final.exists():
+                    shutil.rmtree(final)
+                os.replace(moving, final)
+            else:
+                # objects of an older version (a stale single-file model beside new shards)
+                # would be read as part of this one
+                written = set(storage.put_dir(staged, target))
+                for stale in set(storage.list(target + "/")) - written:
+                    storage.delete(stale)
+            log(f"{name}: written to {target}")
+    return reports

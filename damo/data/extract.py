@@ -285,7 +285,11 @@ def extract_features(
     import pyarrow.parquet as pq
     import ray
 
+    from damo.model.backbones import require_present
+
     storage = storage or Storage(cfg.storage.s3)
+    for name in ("vision", "audio"):  # one clear message now, not an actor's traceback later
+        require_present(name, getattr(cfg.model, name), storage.exists)
     start = time.monotonic()
     cfg_hash = feature_config_hash(cfg)
     storage.ensure_bucket(output_uri)

@@ -19,10 +19,11 @@ from damo.config.model import Component, ModelConfig
 from damo.model.backbones import (
     DTYPES,
     Resolve,
+    enable_activation_checkpointing,
     freeze,
     load_llm,
     load_text_encoder,
-    local_dir,
+    locate,
     vision_geometry,
 )
 from damo.model.heads import AlignmentHeads
@@ -95,6 +96,8 @@ class DamoModel(nn.Module):
             # Built without a tokenizer (meta device): the last id stands in for <video>.
             self.video_token_id = llm.get_input_embeddings().num_embeddings - 1
             self.prompt_builder = None
+        if cfg.llm.gradient_checkpointing:  # non-reentrant: the frozen LLM's inputs need no grad
+            enable_activation_checkpointing(llm)
         self.llm = add_lora(llm, cfg.llm.lora)
 
     # ---- construction ----------------------------------------------------------------------
@@ -111,20 +114,24 @@ class DamoModel(nn.Module):
         on_meta = device is not None and torch.device(device).type == "meta"
         if on_meta and pretrained:
             raise ValueError("the meta device holds no weights: use pretrained=False")
-        if device is not None and not on_meta:
-            return cls.from_config(cfg, pretrained, resolve).to(device)
+        if pretrained:  # every backbone present before any loads: no 7B load, then a failure
+            locate("llm", cfg.llm, resolve)
+            locate("text_encoder", cfg.text_encoder, resolve)
+        # pretrained weights load straight onto the target device; a random build moves there
+        load_on = device if pretrained else None
         with torch.device("meta") if on_meta else nullcontext():
-            llm = load_llm(cfg.llm, pretrained, resolve, DTYPES[cfg.llm.dtype])
+            llm = load_llm(cfg.llm, pretrained, resolve, DTYPES[cfg.llm.dtype], load_on)
             text_encoder = load_text_encoder(cfg.text_encoder, pretrained, resolve)
             tokenizer = text_tokenizer = None
             if pretrained:
                 from transformers import AutoTokenizer
 
-                tokenizer = AutoTokenizer.from_pretrained(local_dir(cfg.llm.path, resolve))
+                tokenizer = AutoTokenizer.from_pretrained(locate("llm", cfg.llm, resolve))
                 text_tokenizer = AutoTokenizer.from_pretrained(
-                    local_dir(cfg.text_encoder.path, resolve)
+                    locate("text_encoder", cfg.text_encoder, resolve)
                 )
-            return cls(cfg, llm, text_encoder, tokenizer, text_tokenizer)
+            model = cls(cfg, llm, text_encoder, tokenizer, text_tokenizer)
+        return model.to(device) if device is not None and not on_meta else model
 
     # ---- stages ----------------------------------------------------------------------------
     def component_parameters(self, component: Component) -> dict[str, nn.Parameter]:

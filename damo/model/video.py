@@ -11,6 +11,7 @@ from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
 
 from damo.config.model import BridgeConfig, FuseformerConfig, ResidualConfig, TemporalConfig
 from damo.model.layers import (
@@ -216,6 +217,7 @@ class TFuseformer(nn.Module):
         self.fusion_tokens = nn.Parameter(torch.randn(cfg.fusion_tokens, cfg.width) * 0.02)
         self.layers = nn.ModuleList(FuseformerLayer(cfg) for _ in range(cfg.depth))
         self.norm = nn.LayerNorm(cfg.width)
+        self.gradient_checkpointing = cfg.gradient_checkpointing
 
     def forward(
         self, visual: Tensor, visual_mask: Tensor, audio: Tensor, audio_mask: Tensor
@@ -224,7 +226,12 @@ class TFuseformer(nn.Module):
         fusion = self.fusion_tokens.expand(visual.shape[0], -1, -1)  # (B, F, D)
         masks: tuple[Tensor | None, Tensor | None] = (visual_mask, audio_mask)
         for layer in self.layers:
-            fusion, visual, audio = layer(visual, masks[0], audio, masks[1], fusion)
+            if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
+                fusion, visual, audio = checkpoint(
+                    layer, visual, masks[0], audio, masks[1], fusion, use_reentrant=False
+                )  # activations recomputed in the backward pass
+            else:
+                fusion, visual, audio = layer(visual, masks[0], audio, masks[1], fusion)
             masks = (None, None)  # from layer 2 on the streams are queries: all real tokens
         return self.norm(fusion)  # (B, F, D)
 
