@@ -8,12 +8,18 @@ import pytest
 import torch
 from conftest import tiny_config
 
+from damo.data.extract import feature_config_hash
 from damo.data.records import read_records, write_records
 from damo.data.training import StageCollator, conversation, training_dataset
 from damo.model.damo import DamoModel
 from damo.storage import Storage, join
 
 STAGES = {1: ("caption",), 2: ("qa",), 3: ("grounding", "temporal_qa"), 4: ("dialogue",)}
+
+
+@pytest.fixture(scope="module")
+def feature_hash(tiny_backbones) -> str:
+    return feature_config_hash(tiny_config(tiny_backbones))
 
 
 @pytest.fixture(scope="module")
@@ -42,10 +48,14 @@ def test_conversation_of_each_task():
 
 
 @pytest.mark.parametrize("stage", [1, 2, 3, 4])
-def test_each_stage_yields_batches_the_model_trains_on(stage, tiny_world, tiny_features, model):
+def test_each_stage_yields_batches_the_model_trains_on(
+    stage, tiny_world, tiny_features, model, feature_hash
+):
     storage = Storage()
     records_uri = str(tiny_world / "records" / "train.parquet")
-    dataset, report = training_dataset(str(tiny_features), records_uri, STAGES[stage], storage)
+    dataset, report = training_dataset(
+        str(tiny_features), records_uri, STAGES[stage], storage, feature_hash
+    )
     assert report.unmatched == 0 and report.matched > 0
     assert dataset.count() == report.matched
     objective = model.cfg.stages.get(stage).objective
@@ -69,14 +79,14 @@ def test_each_stage_yields_batches_the_model_trains_on(stage, tiny_world, tiny_f
     model.zero_grad(set_to_none=True)
 
 
-def test_records_without_features_are_reported(tiny_world, tiny_features, tmp_path):
+def test_records_without_features_are_reported(tiny_world, tiny_features, tmp_path, feature_hash):
     storage = Storage()
     records = read_records(str(tiny_world / "records" / "train.parquet"), storage).to_pylist()
     ghost = {**records[0], "id": "ghost-1", "video_uri": join(str(tiny_world), "videos/ghost.mp4")}
     uri = str(tmp_path / "records.parquet")
     write_records([*records, ghost], uri, storage)
     tasks = (records[0]["task"],)
-    dataset, report = training_dataset(str(tiny_features), uri, tasks, storage)
+    dataset, report = training_dataset(str(tiny_features), uri, tasks, storage, feature_hash)
     assert report.videos_without_features == [ghost["video_uri"]]
     assert report.unmatched == 1
     assert dataset.count() == report.matched
