@@ -472,6 +472,10 @@ def _print_manifest(manifest: dict) -> None:
             entry.get("checkpoint", ""),
         )
     console.print(table)
+    for stage in sorted(manifest["stages"], key=int):
+        entry = manifest["stages"][stage]
+        if entry["status"] == "failed" and entry.get("error"):
+            console.print(f"stage {stage} failed: {escape(entry['error'])}", highlight=False)
     if manifest.get("loss_curves"):
         console.print(f"loss curves: {manifest['loss_curves']}")
 
