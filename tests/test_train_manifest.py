@@ -60,3 +60,13 @@ def test_an_interrupted_stage_is_recorded_and_the_interrupt_goes_on(tmp_path, mo
         train_pipeline(config(tmp_path), "ctrl-c", stages=(1,), log=lambda *_: None)
     entry = stage_entry(tmp_path, "ctrl-c", 1)
     assert entry["status"] == "failed" and entry["error"] == "KeyboardInterrupt"
+
+
+def test_one_line_reaches_the_worker_error_behind_ray_trains_wrapper():
+    from ray.train.v2.api.exceptions import WorkerGroupError
+
+    from damo.train.pipeline import one_line
+
+    worker = OSError("Traceback (most recent call last):\n  File ...\nno such dir: /x/text")
+    wrapped = WorkerGroupError("rank 1 and 0 failed", {1: ValueError("other"), 0: worker})
+    assert one_line(wrapped) == "OSError: no such dir: /x/text"

@@ -42,9 +42,22 @@ class StageFailed(Exception):
         self.error = error
 
 
+def root_error(err: BaseException) -> BaseException:
+    """The error behind Ray Train's wrappers: the lowest rank's worker failure, or the
+    controller's."""
+    failures = getattr(err, "worker_failures", None)
+    if isinstance(failures, dict) and failures:
+        return root_error(failures[min(failures)])
+    controller = getattr(err, "controller_failure", None)
+    if isinstance(controller, BaseException):
+        return root_error(controller)
+    return err
+
+
 def one_line(err: BaseException) -> str:
     """An error as one line: its type and the last non-empty line of its message (a worker's
     error arrives with the worker's traceback in the message)."""
+    err = root_error(err)
     lines = [line.strip() for line in str(err).splitlines() if line.strip()]
     message = lines[-1] if lines else ""
     name = type(err).__name__
