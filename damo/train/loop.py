@@ -246,7 +246,7 @@ def train_loop_per_worker(config: dict) -> None:
         report({"val_loss": validate(), "lr": scheduler.get_last_lr()[0]}, with_checkpoint=False)
     model.train()
     running, seen, window_start = 0.0, 0, time.monotonic()
-    done = position["step"] >= total_steps
+    done = spec.max_steps is not None and position["step"] >= total_steps
     while position["epoch"] < spec.epochs and not done:
         shard = ray.train.get_dataset_shard(epoch_datasets[position["epoch"]])
         # resumed mid-epoch: the rows trained before the checkpoint, this worker's share
@@ -282,8 +282,11 @@ def train_loop_per_worker(config: dict) -> None:
             optimizer.zero_grad(set_to_none=True)
             position["step"] += 1
             step = position["step"]
-            done = step >= total_steps
-            if step % spec.log_every == 0 and not done:
+            # only a step budget ends a stage mid-epoch: after a resume on another number of
+            # workers the step count of the epochs differs from `total_steps`
+            done = spec.max_steps is not None and step >= total_steps
+            last = done or index + 1 >= batches_per_epoch  # the epoch's end reports instead
+            if step % spec.log_every == 0 and not last:
                 rate = seen * spec.batch_size * world / (time.monotonic() - window_start)
                 metrics = {
                     "train_loss": running / seen,
@@ -300,7 +303,7 @@ def train_loop_per_worker(config: dict) -> None:
                 checkpoint_now = bool(spec.checkpoint_every) and step % spec.checkpoint_every == 0
                 report(metrics, with_checkpoint=checkpoint_now)
                 running, seen, window_start = 0.0, 0, time.monotonic()
-            elif spec.checkpoint_every and step % spec.checkpoint_every == 0 and not done:
+            elif spec.checkpoint_every and step % spec.checkpoint_every == 0 and not last:
                 report({"lr": scheduler.get_last_lr()[0]}, with_checkpoint=True)
             if done:
                 break
