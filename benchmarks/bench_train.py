@@ -95,7 +95,7 @@ def main() -> None:
     args = parser.parse_args()
     os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")
 
-    from damo.data.extract import connect_ray, extract_features
+    from damo.data.extract import connect_ray, extract_features, feature_config_hash
     from damo.data.training import read_feature_table, table_to_numpy
     from damo.storage import Storage
 
@@ -104,7 +104,7 @@ def main() -> None:
     features = CACHE / f"features-{args.clips}"
     connect_ray(cfg)
     extract_features(uris, str(features), cfg)  # skips what is already there
-    table = table_to_numpy(read_feature_table(str(features), Storage()))
+    table = table_to_numpy(read_feature_table(str(features), Storage(), feature_config_hash(cfg)))
     cached = step_loop(cfg, table, args.steps, args.batch_size, on_the_fly=False)
     fly = step_loop(cfg, table, args.steps, args.batch_size, on_the_fly=True)
     world = CACHE / f"world-{args.clips}"

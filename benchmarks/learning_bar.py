@@ -167,7 +167,7 @@ def main() -> None:
     from damo.config.data import SyntheticConfig
     from damo.config.loader import config_hash
     from damo.data.backbones import make_tiny_backbones
-    from damo.data.extract import connect_ray, extract_features, video_uris
+    from damo.data.extract import connect_ray, extract_features, feature_config_hash, video_uris
     from damo.data.synthetic import generate_world
     from damo.demo import BUCKET, DemoSize, demo_config, timed_step
     from damo.eval.batch import EvalSettings, evaluate_checkpoint, retrieval
@@ -254,7 +254,9 @@ def main() -> None:
                     ),
                 )
                 evaluated[name] = {"checkpoint": uri, "zero_audio": zero_audio, **result}
-            ranked = retrieval(checkpoint[1], features, test_records, storage)
+            ranked = retrieval(
+                checkpoint[1], features, test_records, storage, feature_config_hash(cfg)
+            )
         finally:
             if ray.is_initialized():
                 ray.shutdown()

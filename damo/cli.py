@@ -534,8 +534,28 @@ def train_command(
         )
     except TrainError as err:
         err_console.print(f"[bold red]error:[/] {escape(str(err))}", soft_wrap=True)
+        _print_log_hint(err.logs, run_id)
         raise typer.Exit(code=1) from None
+    except KeyboardInterrupt:
+        err_console.print(
+            f"[bold red]interrupted:[/] the running stage is recorded as failed; "
+            f"re-run with --run-id {escape(run_id)} to resume it",
+            soft_wrap=True,
+        )
+        raise typer.Exit(code=130) from None
     _print_manifest(manifest)
+
+
+def _print_log_hint(logs: dict, run_id: str) -> None:
+    if not logs:
+        return
+    where = f"logs: run {logs['run']} (manifest, metrics, Ray Train's {logs['ray_run']})"
+    if logs.get("ray_logs"):
+        where += f"; worker logs on the driver's node under {logs['ray_logs']}"
+    err_console.print(escape(where), soft_wrap=True, highlight=False)
+    err_console.print(
+        f"fix the cause and re-run with --run-id {escape(run_id)} to resume", highlight=False
+    )
 
 
 def _print_manifest(manifest: dict) -> None:
@@ -558,6 +578,10 @@ def _print_manifest(manifest: dict) -> None:
             entry.get("checkpoint", ""),
         )
     console.print(table)
+    for stage in sorted(manifest["stages"], key=int):
+        entry = manifest["stages"][stage]
+        if entry["status"] == "failed" and entry.get("error"):
+            console.print(f"stage {stage} failed: {escape(entry['error'])}", highlight=False)
     if manifest.get("loss_curves"):
         console.print(f"loss curves: {manifest['loss_curves']}")
 
@@ -599,6 +623,9 @@ def eval_run(
     max_new_tokens: Annotated[int, typer.Option(min=1)] = 24,
     batch_size: Annotated[int, typer.Option(min=1)] = 8,
     actors: Annotated[int, typer.Option(min=1, help="Model replicas answering in parallel.")] = 1,
+    gpus_per_actor: Annotated[
+        float, typer.Option(min=0, help="GPUs per answering actor (0: CPU only).")
+    ] = 0.0,
     zero_audio: Annotated[
         bool, typer.Option(help="Ablation: zero the audio features at inference.")
     ] = False,
@@ -614,7 +641,11 @@ def eval_run(
     records_uri = join(records or cfg.train.data.records, f"{split}.parquet")
     connect_ray(cfg)
     settings = EvalSettings(
-        max_new_tokens=max_new_tokens, batch_size=batch_size, actors=actors, zero_audio=zero_audio
+        max_new_tokens=max_new_tokens,
+        batch_size=batch_size,
+        actors=actors,
+        gpus_per_actor=gpus_per_actor,
+        zero_audio=zero_audio,
     )
     result = evaluate_checkpoint(
         cfg, checkpoint, features or cfg.train.data.features, records_uri, out, settings

@@ -61,3 +61,84 @@ def test_evaluate_a_split(
     report = (out / "report.md").read_text()
     assert "| baseline_whole_clip |" in report and str(checkpoint) in report
     assert len(list((out / "plots").glob("timeline_*.png"))) == 2
+
+
+def test_actors_use_cuda_only_when_ray_gave_them_a_gpu(monkeypatch):
+    import ray
+    import torch
+
+    from damo.eval.batch import actor_device
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # a GPU node
+    monkeypatch.setattr(ray, "get_gpu_ids", lambda: [])
+    assert actor_device() == "cpu"  # the actor asked for none
+    monkeypatch.setattr(ray, "get_gpu_ids", lambda: [0])
+    assert actor_device() == "cuda"
+
+
+def test_eval_run_passes_gpus_per_actor(monkeypatch, tmp_path):
+    from typer.testing import CliRunner
+
+    from damo.cli import app
+
+    seen = {}
+
+    def evaluate(cfg, checkpoint, features, records, out, settings):
+        seen["settings"] = settings
+        return {"metrics": {}}
+
+    monkeypatch.setattr("damo.eval.batch.evaluate_checkpoint", evaluate)
+    monkeypatch.setattr("damo.data.extract.connect_ray", lambda cfg: None)
+    args = ["eval", "run", "--checkpoint", "ckpt", "--out", str(tmp_path), "--gpus-per-actor", "1"]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    assert seen["settings"].gpus_per_actor == 1.0
+    bad = CliRunner().invoke(app, [*args[:-1], "-1"])
+    assert bad.exit_code == 2
+
+
+def test_retrieval_embeds_the_split_in_actors_like_the_driver_did(
+    checkpoint, tiny_backbones, tiny_world, tiny_features
+):
+    """Same metrics as the former driver-side implementation, over the split's videos only."""
+    import numpy as np
+    import torch
+
+    from damo.data.extract import feature_config_hash
+    from damo.data.records import read_records
+    from damo.data.training import read_feature_table, table_to_numpy, video_tensors
+    from damo.eval.batch import load_model, retrieval
+    from damo.eval.metrics import retrieval_metrics
+    from damo.model.video import VideoFeatures
+
+    storage = Storage()
+    feature_hash = feature_config_hash(tiny_config(tiny_backbones))
+    records_uri = str(tiny_world / "records" / "train.parquet")
+    ranked = retrieval(
+        str(checkpoint),
+        str(tiny_features),
+        records_uri,
+        storage,
+        feature_hash,
+        EvalSettings(batch_size=3),  # several batches, so batching must not matter
+    )
+
+    # the former implementation: every feature row read and embedded on the driver
+    captions = {
+        r["video_uri"]: r["answer"]
+        for r in read_records(records_uri, storage).to_pylist()
+        if r["task"] == "caption"
+    }
+    table = table_to_numpy(read_feature_table(str(tiny_features), storage, feature_hash))
+    keep = [i for i, uri in enumerate(table["video_uri"]) if uri in captions]
+    assert 2 <= len(keep) < len(table["video_uri"])  # the split is a strict subset
+    model = load_model(str(checkpoint), storage)
+    batch = {k: v[keep] for k, v in table.items()}
+    with torch.no_grad():
+        video_emb = model.embed_video(VideoFeatures.from_batch(video_tensors(batch)))
+        text_emb = model.embed_text([captions[u] for u in batch["video_uri"]])
+    expected = retrieval_metrics((text_emb @ video_emb.T).float().numpy())
+
+    assert ranked["model"]["candidates"] == len(keep)
+    for key, value in expected.items():
+        assert np.isclose(ranked["model"][key], value), (key, ranked["model"][key], value)

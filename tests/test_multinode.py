@@ -209,6 +209,7 @@ def files_outside_caches(root: Path) -> list[str]:
 def driver_val_loss(cfg, checkpoint_uri: str, stage: int, storage: Storage):
     """Per-record (loss x weight, weight) of a stage's val split, computed here, on one process,
     the way the train loop weighs them: answer tokens (LM) or examples (alignment)."""
+    from damo.data.extract import feature_config_hash
     from damo.data.training import StageCollator, training_dataset
     from damo.model.checkpoint import load_checkpoint
     from damo.train.loop import MODEL_DIR
@@ -218,7 +219,11 @@ def driver_val_loss(cfg, checkpoint_uri: str, stage: int, storage: Storage):
     model = load_checkpoint(storage.fetch_dir(checkpoint_uri) / MODEL_DIR).eval()
     data = cfg.train.data
     dataset, _ = training_dataset(
-        data.features, join(data.records, f"{data.val_split}.parquet"), spec.tasks, storage
+        data.features,
+        join(data.records, f"{data.val_split}.parquet"),
+        spec.tasks,
+        storage,
+        feature_config_hash(cfg),
     )
     collate = StageCollator(spec.objective, model.prompt_builder, model.tokenize_text)
     terms = []

@@ -21,6 +21,8 @@ import pytest
 import torch
 import yaml
 
+from damo.config import load_config
+from damo.data.extract import feature_config_hash
 from damo.data.training import read_feature_table, table_to_numpy, video_tensors
 from damo.model.checkpoint import load_checkpoint
 from damo.storage import Storage
@@ -30,7 +32,9 @@ DAMO = str(Path(sys.executable).parent / "damo")
 pytestmark = pytest.mark.slow
 
 
-def write_config(path: Path, backbones: Path, world: Path, features: Path, stages: dict) -> Path:
+def write_config(
+    path: Path, backbones: Path, world: Path, features: Path, stages: dict, **train
+) -> Path:
     config = {
         "base": "tiny",
         "model": {
@@ -42,7 +46,7 @@ def write_config(path: Path, backbones: Path, world: Path, features: Path, stage
             "runs_root": str(path.parent / "runs"),
             "data": {"features": str(features), "records": str(world / "records")},
             "stages": stages,
-            "shuffle_buffer": 0,
+            **train,
         },
     }
     path.write_text(yaml.safe_dump(config))
@@ -117,6 +121,37 @@ SMALL = {"max_steps": 4, "batch_size": 8, "log_every": 2}
 LONG = {"epochs": 2, "batch_size": 4, "log_every": 5, "checkpoint_every": 5}
 
 
+def test_a_failed_stage_is_recorded_and_reported_in_one_line(
+    tmp_path, tiny_backbones, tiny_world, tiny_features
+):
+    """A stage that fails inside the worker (a text encoder directory without a model): the
+    manifest says failed with the error, and the CLI prints one line and where the logs are."""
+    from typer.testing import CliRunner
+
+    from damo.cli import app
+
+    config = write_config(
+        tmp_path / "run.yaml", tiny_backbones, tiny_world, tiny_features, {"stage1": SMALL}
+    )
+    missing = tmp_path / "no-text-encoder"
+    missing.mkdir()  # there, but holding no model: transformers refuses it in the worker
+    args = ["train", "--config", str(config), "--run-id", "bad", "--stages", "1"]
+    args += ["--set", f"model.text_encoder.path={missing}", "--set", "train.scaling.max_failures=0"]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 1, result.output
+    errors = [line for line in result.output.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "stage 1 (video-text alignment) failed" in errors[0], errors
+    assert "Traceback" not in result.output
+    assert f"logs: run {tmp_path / 'runs' / 'bad'}" in result.output
+    entry = manifest(config, "bad")["stages"]["1"]
+    assert entry["status"] == "failed"
+    # the worker's own error, in one line (not Ray Train's wrapper around it)
+    assert "no-text-encoder" in entry["error"] and "\n" not in entry["error"], entry
+    assert not entry["error"].startswith(("WorkerGroupError", "TrainingFailedError")), entry
+    assert entry["logs"]["run"] == str(tmp_path / "runs" / "bad")
+
+
+@pytest.mark.timeout(1500)  # four stages and a resume; the shared 2-core machine is slow
 def test_driver_killed_in_stage_3_resumes_there(
     tmp_path, tiny_backbones, tiny_world, tiny_features
 ):
@@ -131,6 +166,7 @@ def test_driver_killed_in_stage_3_resumes_there(
             ),
             "a stage-3 checkpoint",
             first,
+            timeout_s=900,  # stages 1 and 2 come first; a shared 2-core machine is slow
         )
         before = manifest(config, "dk")["stages"]
         os.kill(first.pid, signal.SIGKILL)  # the driver, by PID
@@ -138,7 +174,9 @@ def test_driver_killed_in_stage_3_resumes_there(
         kill_group(first)
     assert before["1"]["status"] == before["2"]["status"] == "finished"
 
-    second = start_train(config, "dk")
+    # resumed on a resized cluster: two workers where the first driver had one
+    resized = ("--set", "train.scaling.num_workers=2", "--set", "train.scaling.cpus_per_worker=0.5")
+    second = start_train(config, "dk", *resized)
     finish(second, config, "dk")
     after = manifest(config, "dk")["stages"]
     for stage in ("1", "2"):  # not redone
@@ -146,6 +184,11 @@ def test_driver_killed_in_stage_3_resumes_there(
     assert after["3"]["status"] == after["4"]["status"] == "finished"
     assert after["3"]["attempts"] == 2
     assert after["3"]["metrics"]["restarts"] >= 1  # resumed from its checkpoint, not step 0
+    history = read_metrics(config, "dk", 3)
+    assert [r["workers"] for r in history if r["restarts"] == 0][-1] == 1
+    resumed = [r for r in history if r["restarts"] >= 1]
+    assert resumed and {r["workers"] for r in resumed} == {2}
+    assert resumed[-1]["epoch"] == 2  # both epochs finished on the resized cluster
     for stage in ("1", "2", "3", "4"):  # validation loss fell in every stage
         metrics = after[stage]["metrics"]
         assert metrics["best_val_loss"] < metrics["first_val_loss"], (stage, metrics)
@@ -154,7 +197,8 @@ def test_driver_killed_in_stage_3_resumes_there(
 
     # the stage-4 checkpoint loads into a fresh DamoModel and generates text
     model = load_checkpoint(Path(after["4"]["checkpoint"]) / MODEL_DIR)
-    table = read_feature_table(str(tiny_features), Storage()).slice(0, 2)
+    cfg = load_config(str(config))
+    table = read_feature_table(str(tiny_features), Storage(), feature_config_hash(cfg)).slice(0, 2)
     batch = table_to_numpy(table)
     from damo.model.video import VideoFeatures
 
@@ -165,11 +209,31 @@ def test_driver_killed_in_stage_3_resumes_there(
     assert any(t.strip() for t in texts)
 
 
+def read_record_ids(config: Path, run_id: str, stage: int) -> dict[int, list[dict]]:
+    """attempt -> the batches rank 0 logged (train.record_ids)."""
+    folder = config.parent / "runs" / run_id / "record_ids" / f"stage{stage}"
+    out = {}
+    for path in folder.glob("rank0-attempt*.jsonl"):
+        attempt = int(path.stem.rsplit("attempt", 1)[1])
+        out[attempt] = [json.loads(line) for line in path.read_text().splitlines() if line]
+    return out
+
+
+@pytest.mark.timeout(1200)
 def test_a_killed_worker_restarts_from_the_last_checkpoint(
     tmp_path, tiny_backbones, tiny_world, tiny_features
 ):
+    """With the default (global, seeded) shuffle, the interrupted epoch still trains every
+    row exactly once counting from the checkpoint: the rows trained before it, plus the rows
+    of the restarted worker. Rows trained after the checkpoint (lost with the worker) are
+    trained again, once."""
     config = write_config(
-        tmp_path / "run.yaml", tiny_backbones, tiny_world, tiny_features, {"stage3": LONG}
+        tmp_path / "run.yaml",
+        tiny_backbones,
+        tiny_world,
+        tiny_features,
+        {"stage3": LONG},
+        record_ids=True,
     )
     proc = start_train(config, "wk", "--stages", "3")
     try:
@@ -188,6 +252,20 @@ def test_a_killed_worker_restarts_from_the_last_checkpoint(
     assert entry["status"] == "finished" and entry["attempts"] == 1
     assert entry["metrics"]["restarts"] >= 1
     # all of both epochs' steps ran: a restart neither skips nor repeats the schedule
-    assert entry["metrics"]["steps"] == math.ceil(entry["metrics"]["train_rows"] / 4) * 2
+    rows = entry["metrics"]["train_rows"]
+    assert entry["metrics"]["steps"] == math.ceil(rows / 4) * 2
     steps = [r["step"] for r in read_metrics(config, "wk", 3) if "train_loss" in r]
     assert max(steps) == entry["metrics"]["steps"]
+
+    logged = read_record_ids(config, "wk", 3)
+    first, last = logged[0], logged[max(logged)]
+    resumed_at = last[0]["step"] - 1  # the checkpoint's step
+    kept = [b for b in first if b["step"] <= resumed_at] + last
+    for epoch in (0, 1):
+        ids = [i for b in kept if b["epoch"] == epoch for i in b["ids"]]
+        assert len(ids) == len(set(ids)) == rows, (epoch, len(ids), len(set(ids)), rows)
+    orders = [[i for b in kept if b["epoch"] == e for i in b["ids"]] for e in (0, 1)]
+    assert orders[0] != orders[1]  # each epoch its own shuffle
+    # rows of one video are spread out, not next to each other as in the shards
+    videos = ["-".join(i.split("-")[:2]) for i in orders[0]]  # syn<seed>-<clip>-<task>-<n>
+    assert sum(a == b for a, b in zip(videos, videos[1:], strict=False)) < len(videos) // 2

@@ -3,17 +3,24 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
 from conftest import tiny_config
 
+from damo.data.extract import feature_config_hash
 from damo.data.records import read_records, write_records
 from damo.data.training import StageCollator, conversation, training_dataset
 from damo.model.damo import DamoModel
 from damo.storage import Storage, join
 
 STAGES = {1: ("caption",), 2: ("qa",), 3: ("grounding", "temporal_qa"), 4: ("dialogue",)}
+
+
+@pytest.fixture(scope="module")
+def feature_hash(tiny_backbones) -> str:
+    return feature_config_hash(tiny_config(tiny_backbones))
 
 
 @pytest.fixture(scope="module")
@@ -42,10 +49,14 @@ def test_conversation_of_each_task():
 
 
 @pytest.mark.parametrize("stage", [1, 2, 3, 4])
-def test_each_stage_yields_batches_the_model_trains_on(stage, tiny_world, tiny_features, model):
+def test_each_stage_yields_batches_the_model_trains_on(
+    stage, tiny_world, tiny_features, model, feature_hash
+):
     storage = Storage()
     records_uri = str(tiny_world / "records" / "train.parquet")
-    dataset, report = training_dataset(str(tiny_features), records_uri, STAGES[stage], storage)
+    dataset, report = training_dataset(
+        str(tiny_features), records_uri, STAGES[stage], storage, feature_hash
+    )
     assert report.unmatched == 0 and report.matched > 0
     assert dataset.count() == report.matched
     objective = model.cfg.stages.get(stage).objective
@@ -69,15 +80,79 @@ def test_each_stage_yields_batches_the_model_trains_on(stage, tiny_world, tiny_f
     model.zero_grad(set_to_none=True)
 
 
-def test_records_without_features_are_reported(tiny_world, tiny_features, tmp_path):
+def test_records_without_features_are_reported(tiny_world, tiny_features, tmp_path, feature_hash):
     storage = Storage()
     records = read_records(str(tiny_world / "records" / "train.parquet"), storage).to_pylist()
     ghost = {**records[0], "id": "ghost-1", "video_uri": join(str(tiny_world), "videos/ghost.mp4")}
     uri = str(tmp_path / "records.parquet")
     write_records([*records, ghost], uri, storage)
     tasks = (records[0]["task"],)
-    dataset, report = training_dataset(str(tiny_features), uri, tasks, storage)
+    dataset, report = training_dataset(str(tiny_features), uri, tasks, storage, feature_hash)
     assert report.videos_without_features == [ghost["video_uri"]]
     assert report.unmatched == 1
     assert dataset.count() == report.matched
     assert json.loads(dataset.take(1)[0]["conversation"])
+
+
+def test_stale_and_duplicate_feature_rows_are_not_read(
+    tiny_world, tiny_features, tmp_path, feature_hash
+):
+    """Rows of an older feature config, a re-run's copy and an older object version: training
+    and evaluation see exactly one current row per video, and stale shards are not read."""
+    import os
+    import shutil
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from damo.data.training import feature_dataset, read_feature_table, select_feature_rows
+
+    storage = Storage()
+    features = tmp_path / "features-mixed"
+    shutil.copytree(tiny_features / "features", features / "features")
+    shards = sorted((features / "features").glob("*.parquet"))
+    table = pq.read_table(shards[0])
+    rows = table.num_rows
+
+    def replaced(table: pa.Table, name: str, values: list) -> pa.Table:
+        return table.set_column(table.schema.get_field_index(name), name, pa.array(values))
+
+    # an older decode config wrote the same videos under another hash
+    stale = replaced(table, "config_hash", ["0ld-config"] * rows)
+    stale = replaced(stale, "key", [f"stale-{i}" for i in range(rows)])
+    pq.write_table(stale, features / "features" / "stale.parquet")
+    # a re-run wrote the same rows (same keys) again
+    shutil.copy(shards[0], features / "features" / "rerun.parquet")
+    # the first video's object changed (new etag -> new key), extracted last
+    newer = replaced(table.slice(0, 1), "key", ["newer-version"])
+    newer_path = features / "features" / "zz-newer.parquet"
+    pq.write_table(newer, newer_path)
+    later = os.stat(newer_path).st_mtime + 60
+    os.utime(newer_path, (later, later))
+    changed_video = table.column("video_uri")[0].as_py()
+
+    records_uri = str(tiny_world / "records" / "train.parquet")
+    tasks = ("caption", "qa", "grounding", "temporal_qa", "dialogue")
+    dataset, report = training_dataset(str(features), records_uri, tasks, storage, feature_hash)
+    assert report.unmatched == 0
+    assert report.stale_rows == rows
+    assert report.duplicate_rows == rows + 1  # the re-run's copies and the older version
+    trained = dataset.select_columns(["record_id", "video_uri"]).take_all()
+    ids = [r["record_id"] for r in trained]
+    assert len(ids) == len(set(ids)) == report.matched  # one row per record, none twice
+
+    selection = select_feature_rows(str(features), storage, feature_hash)
+    read = {Path(p).name for p in selection.paths}
+    assert "stale.parquet" not in read and shards[0].name not in read  # superseded: not read
+    assert selection.chosen[changed_video] == (str(newer_path), "newer-version")
+
+    videos = {r["video_uri"] for r in trained}
+    evaluated = read_feature_table(str(features), storage, feature_hash)
+    uris = evaluated.column("video_uri").to_pylist()
+    assert len(uris) == len(set(uris)) == len(selection.chosen) >= len(videos)
+    assert set(evaluated.column("config_hash").to_pylist()) == {feature_hash}
+    assert evaluated.filter(pa.compute.equal(evaluated["video_uri"], changed_video))[
+        "key"
+    ].to_pylist() == ["newer-version"]
+    one_per_video = feature_dataset(selection, feature_hash).select_columns(["video_uri"])
+    assert sorted(r["video_uri"] for r in one_per_video.take_all()) == sorted(uris)

@@ -111,4 +111,15 @@ class TrainConfig(Section):
     data: TrainDataConfig = TrainDataConfig()
     stages: StagesTrainConfig = StagesTrainConfig()
     scaling: ScalingConfig = ScalingConfig()
-    shuffle_buffer: int = Field(default=256, ge=0, description="Local shuffle; 0: off.")
+    shuffle: bool = Field(
+        default=True,
+        description="Shuffle the training rows globally each epoch (seeded: seed + epoch).",
+    )
+    shuffle_buffer: int = Field(
+        default=0, ge=0, description="An extra local shuffle buffer in rows; 0: off."
+    )
+    record_ids: bool = Field(
+        default=False,
+        description="Debug: each rank writes the record ids it trains on to "
+        "<run>/record_ids/stageK/rankR-attemptA.jsonl.",
+    )

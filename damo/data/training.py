@@ -37,6 +37,8 @@ class JoinReport:
     records: int
     matched: int
     videos_without_features: list[str]
+    stale_rows: int = 0  # feature rows of another decode/encoder config, not read
+    duplicate_rows: int = 0  # older rows of a video that has a newer current one
 
     @property
     def unmatched(self) -> int:
@@ -62,6 +64,62 @@ def feature_files(features_uri: str, storage: Storage):
     return fs, paths
 
 
+@dataclass
+class FeatureSelection:
+    """The one current feature row of each video: which shard holds it, under which key.
+
+    Shards may hold stale rows (an older decode/encoder config, an older version of the
+    object) and duplicates (a re-run that wrote the same key again); only rows whose
+    `config_hash` is the current one count, and of several rows for a video the one in the
+    most recently written shard wins (ties: the last path, then the last key).
+    """
+
+    filesystem: object
+    chosen: dict[str, tuple[str, str]]  # video_uri -> (shard path, row key)
+    stale_rows: int  # rows of another feature config
+    duplicate_rows: int  # current rows that lost to a newer one of the same video
+
+    @property
+    def paths(self) -> list[str]:
+        return sorted({path for path, _ in self.chosen.values()})
+
+    @property
+    def keys(self) -> list[str]:
+        return sorted({key for _, key in self.chosen.values()})
+
+
+def select_feature_rows(
+    features_uri: str, storage: Storage, feature_hash: str, videos: set[str] | None = None
+) -> FeatureSelection:
+    """Scan only the small columns of the shards (filter pushed into the Parquet scan) and
+    pick one current row per video (of `videos`, when given)."""
+    import pyarrow.compute as pc
+    import pyarrow.dataset as pads
+
+    fs, paths = feature_files(features_uri, storage)
+    mtimes = {info.path: info.mtime_ns or 0 for info in fs.get_file_info(paths)}
+    current = pc.field("config_hash") == feature_hash
+    if videos is not None:
+        current = current & pc.field("video_uri").isin(sorted(videos))
+    candidates: list[tuple[tuple, str, str, str]] = []  # (order, video, path, key)
+    stale = 0
+    for fragment in pads.dataset(paths, filesystem=fs, format="parquet").get_fragments():
+        if "config_hash" not in fragment.physical_schema.names:
+            stale += fragment.count_rows()  # written before rows carried their config hash
+            continue
+        stale += fragment.count_rows(filter=pc.field("config_hash") != feature_hash)
+        table = fragment.to_table(columns=["video_uri", "key"], filter=current)
+        for video, key in zip(
+            table.column("video_uri").to_pylist(), table.column("key").to_pylist(), strict=True
+        ):
+            order = (mtimes.get(fragment.path, 0), fragment.path, key)
+            candidates.append((order, video, fragment.path, key))
+    chosen: dict[str, tuple[str, str]] = {}
+    for _, video, path, key in sorted(candidates):
+        chosen[video] = (path, key)  # later (newer) shards overwrite older ones
+    return FeatureSelection(fs, chosen, stale, len(candidates) - len(chosen))
+
+
 def stage_records(records: pa.Table, tasks: tuple[str, ...], split: str | None) -> dict[str, list]:
     """video_uri -> the texts of its records for these tasks (and split)."""
     by_video: dict[str, list[dict]] = defaultdict(list)
@@ -84,34 +142,68 @@ def stage_records(records: pa.Table, tasks: tuple[str, ...], split: str | None) 
     return dict(by_video)
 
 
+def feature_dataset(selection: FeatureSelection, feature_hash: str):
+    """The selected rows (one per video) as a ray.data.Dataset of FEATURE_COLUMNS.
+
+    Only the shards holding a selected row are read, with the selection (current feature
+    hash, one key per video) pushed into the Parquet scan; a duplicate of a selected key in
+    another shard is dropped after the read, by its path.
+    """
+    import ray
+    from ray.data.expressions import col
+
+    chosen = selection.chosen
+
+    def chosen_rows(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        keep = np.array(
+            [
+                chosen.get(video) == (path, key)
+                for video, path, key in zip(
+                    batch["video_uri"], batch["path"], batch["key"], strict=True
+                )
+            ],
+            dtype=bool,
+        )
+        return {name: batch[name][keep] for name in FEATURE_COLUMNS}
+
+    return (
+        ray.data.read_parquet(
+            selection.paths,
+            filesystem=selection.filesystem,
+            columns=[*FEATURE_COLUMNS, "key", "config_hash"],
+            include_paths=True,
+        )
+        .filter(expr=(col("config_hash") == feature_hash) & col("key").is_in(selection.keys))
+        .map_batches(chosen_rows, batch_format="numpy")
+    )
+
+
 def training_dataset(
     features_uri: str,
     records_uri: str,
     tasks: tuple[str, ...],
     storage: Storage,
+    feature_hash: str,
     split: str | None = None,
 ):
-    """(ray.data.Dataset with one row per record that has features, JoinReport).
+    """(ray.data.Dataset with one row per record that has current features, or None when no
+    record has any, JoinReport).
 
-    The records table is small (text) and goes to every task by value; the feature shards are
-    read in parallel and expanded to one row per record of their video.
+    Only rows of the current feature config (`feature_hash`), one per video and only for the
+    records' videos, are read (see `select_feature_rows`, `feature_dataset`). The records
+    table is small (text) and goes to every task by value; each feature row is expanded to
+    one row per record of its video.
     """
-    import pyarrow.dataset as pads
-    import ray
-
-    fs, paths = feature_files(features_uri, storage)
     by_video = stage_records(read_records(records_uri, storage), tasks, split)
-    available = set(
-        pads.dataset(paths, filesystem=fs, format="parquet")
-        .to_table(columns=["video_uri"])
-        .column("video_uri")
-        .to_pylist()
-    )
-    missing = sorted(set(by_video) - available)
+    selection = select_feature_rows(features_uri, storage, feature_hash, set(by_video))
+    chosen = selection.chosen
+    missing = sorted(set(by_video) - set(chosen))
     report = JoinReport(
         records=sum(len(v) for v in by_video.values()),
-        matched=sum(len(v) for uri, v in by_video.items() if uri in available),
+        matched=sum(len(v) for uri, v in by_video.items() if uri in chosen),
         videos_without_features=missing,
+        stale_rows=selection.stale_rows,
+        duplicate_rows=selection.duplicate_rows,
     )
 
     def expand(row: dict) -> list[dict]:
@@ -120,17 +212,35 @@ def training_dataset(
             for text in by_video.get(row["video_uri"], [])
         ]
 
-    dataset = ray.data.read_parquet(paths, filesystem=fs, columns=list(FEATURE_COLUMNS))
-    return dataset.flat_map(expand), report
+    if not chosen:
+        return None, report
+    return feature_dataset(selection, feature_hash).flat_map(expand), report
 
 
-def read_feature_table(features_uri: str, storage: Storage) -> pa.Table:
-    """Every feature row under `features_uri` in one Arrow table (for evaluation and tools)."""
+def read_feature_table(
+    features_uri: str, storage: Storage, feature_hash: str, videos: set[str] | None = None
+) -> pa.Table:
+    """The current feature row of every video (of `videos`) in one Arrow table, sorted by
+    video URI (for evaluation and tools)."""
+    import pyarrow.compute as pc
     import pyarrow.dataset as pads
     import ray.data  # noqa: F401  registers Ray's tensor extension types with pyarrow
 
-    fs, paths = feature_files(features_uri, storage)
-    return pads.dataset(paths, filesystem=fs, format="parquet").to_table()
+    selection = select_feature_rows(features_uri, storage, feature_hash, videos)
+    if not selection.chosen:
+        raise FileNotFoundError(
+            f"no feature rows of the current config ({feature_hash}) under {features_uri}"
+        )
+    tables = []
+    for path in selection.paths:
+        keys = [key for p, key in selection.chosen.values() if p == path]
+        fragment = pads.dataset([path], filesystem=selection.filesystem, format="parquet")
+        tables.append(fragment.to_table(filter=pc.field("key").isin(keys)))
+    table = pa.concat_tables(tables, promote_options="default")
+    # a key repeated inside one shard (never written so, but cheap to guard): keep the first
+    _, first = np.unique(np.asarray(table.column("key").to_pylist()), return_index=True)
+    table = table.take(pa.array(np.sort(first)))
+    return table.sort_by("video_uri")
 
 
 def table_to_numpy(table: pa.Table) -> dict[str, np.ndarray]:

@@ -18,10 +18,11 @@ import numpy as np
 
 from damo.config import DamoConfig
 from damo.config.schema import S3Config
+from damo.data.extract import feature_config_hash
 from damo.data.records import read_records, write_qvhighlights_submission
 from damo.data.training import (
-    read_feature_table,
-    table_to_numpy,
+    feature_dataset,
+    select_feature_rows,
     training_dataset,
     video_tensors,
 )
@@ -39,6 +40,7 @@ class EvalSettings:
     max_new_tokens: int = 24
     batch_size: int = 8
     actors: int = 1
+    gpus_per_actor: float = 0.0  # per answering/embedding actor; CUDA only when > 0
     zero_audio: bool = False  # ablation: silence the audio stream at inference
     plots: int = 6
     seed: int = 0
@@ -46,21 +48,28 @@ class EvalSettings:
     notes: dict = field(default_factory=dict)
 
 
-def load_model(checkpoint_uri: str, storage: Storage):
+def load_model(checkpoint_uri: str, storage: Storage, with_llm: bool = True):
     from damo.model.checkpoint import load_checkpoint
 
     local = storage.fetch_dir(checkpoint_uri)
     directory = local / MODEL_DIR if (local / MODEL_DIR).is_dir() else local
-    return load_checkpoint(directory, resolve=storage.fetch_dir).eval()
+    return load_checkpoint(directory, resolve=storage.fetch_dir, with_llm=with_llm).eval()
+
+
+def actor_device() -> str:
+    """CUDA only when Ray gave this actor a GPU: Ray 2.60 no longer hides the GPUs from
+    actors that asked for none, so `torch.cuda.is_available()` alone would crowd them."""
+    import ray
+    import torch
+
+    return "cuda" if ray.get_gpu_ids() and torch.cuda.is_available() else "cpu"
 
 
 class AnswerQuestions:
     """map_batches UDF (actor pool): one model per actor, greedy answers for a batch."""
 
     def __init__(self, checkpoint_uri: str, s3: S3Config, settings: EvalSettings):
-        import torch
-
-        self.device = "cuda" if torch.cuda.is_available() else "cpu"
+        self.device = actor_device()
         self.model = load_model(checkpoint_uri, Storage(s3)).to(self.device)
         self.settings = settings
 
@@ -88,7 +97,9 @@ def predict(
 ) -> tuple[list[dict], object]:
     import ray
 
-    dataset, report = training_dataset(features_uri, records_uri, settings.tasks, storage)
+    dataset, report = training_dataset(
+        features_uri, records_uri, settings.tasks, storage, feature_config_hash(cfg)
+    )
     if not report.matched:
         raise ValueError(f"no records of {records_uri} for {settings.tasks} have features")
     answered = dataset.map_batches(
@@ -97,6 +108,7 @@ def predict(
         batch_size=settings.batch_size,
         compute=ray.data.ActorPoolStrategy(min_size=1, max_size=settings.actors),
         num_cpus=1,
+        num_gpus=settings.gpus_per_actor,
     )
     rows = sorted(answered.take_all(), key=lambda r: r["record_id"])
     return rows, report
@@ -154,27 +166,69 @@ def score_rows(rows: list[dict], seed: int = 0) -> tuple[dict, list[dict]]:
     return metrics, rows
 
 
-def retrieval(
-    checkpoint_uri: str, features_uri: str, records_uri: str, storage: Storage, model=None
-) -> dict | None:
-    """Stage-1 text->video retrieval among the split's videos: each video's caption is a query."""
-    from damo.model.video import VideoFeatures
+class EmbedVideos:
+    """map_batches UDF (actor pool): stage-1 embeddings of each video and of its caption.
 
-    captions = {
+    The model is loaded without its LLM: retrieval needs the video pathway, the VTC head and
+    the text encoder only."""
+
+    def __init__(self, checkpoint_uri: str, s3: S3Config, captions: dict[str, str]):
+        self.device = actor_device()
+        self.model = load_model(checkpoint_uri, Storage(s3), with_llm=False).to(self.device)
+        self.captions = captions
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        from damo.model.video import VideoFeatures
+
+        video = VideoFeatures.from_batch(video_tensors(batch)).to(self.device)
+        texts = [self.captions[str(uri)] for uri in batch["video_uri"]]
+        return {
+            "video_uri": batch["video_uri"],
+            "video_emb": self.model.embed_video(video).float().cpu().numpy(),  # (B, E)
+            "text_emb": self.model.embed_text(texts).float().cpu().numpy(),  # (B, E)
+        }
+
+
+def split_captions(records_uri: str, storage: Storage) -> dict[str, str]:
+    """video_uri -> its caption, for the videos of a split's records (the last caption wins)."""
+    return {
         r["video_uri"]: r["answer"]
         for r in read_records(records_uri, storage).to_pylist()
         if r["task"] == "caption"
     }
-    table = table_to_numpy(read_feature_table(features_uri, storage))
-    keep = [i for i, uri in enumerate(table["video_uri"]) if uri in captions]
-    if len(keep) < 2:
+
+
+def retrieval(
+    checkpoint_uri: str,
+    features_uri: str,
+    records_uri: str,
+    storage: Storage,
+    feature_hash: str,
+    settings: EvalSettings | None = None,
+) -> dict | None:
+    """Stage-1 text->video retrieval among the split's videos: each video's caption is a query.
+
+    Only the split's videos (their current feature rows) are read and embedded, in an actor
+    pool; the driver only ranks the (N, N) similarities."""
+    import ray
+
+    settings = settings or EvalSettings()
+    captions = split_captions(records_uri, storage)
+    selection = select_feature_rows(features_uri, storage, feature_hash, set(captions))
+    if len(selection.chosen) < 2:
         return None
-    model = model or load_model(checkpoint_uri, storage)
-    batch = {k: v[keep] for k, v in table.items()}
-    video = VideoFeatures.from_batch(video_tensors(batch))
-    video_emb = model.embed_video(video)  # (N, E)
-    text_emb = model.embed_text([captions[u] for u in batch["video_uri"]])  # (N, E)
-    similarity = (text_emb @ video_emb.T).float().numpy()  # (queries, candidates)
+    embedded = feature_dataset(selection, feature_hash).map_batches(
+        EmbedVideos,
+        fn_constructor_args=(checkpoint_uri, storage.s3, captions),
+        batch_size=settings.batch_size,
+        compute=ray.data.ActorPoolStrategy(min_size=1, max_size=settings.actors),
+        num_cpus=1,
+        num_gpus=settings.gpus_per_actor,
+    )
+    rows = sorted(embedded.take_all(), key=lambda r: r["video_uri"])
+    video_emb = np.stack([r["video_emb"] for r in rows])  # (N, E)
+    text_emb = np.stack([r["text_emb"] for r in rows])  # (N, E)
+    similarity = text_emb @ video_emb.T  # (queries, candidates)
     rng = np.random.default_rng(0)
     return {
         "model": retrieval_metrics(similarity),
@@ -200,7 +254,9 @@ def evaluate_checkpoint(
     started = time.monotonic()
     rows, join_report = predict(cfg, checkpoint_uri, features_uri, records_uri, settings, storage)
     metrics, rows = score_rows(rows, settings.seed)
-    ranked = retrieval(checkpoint_uri, features_uri, records_uri, storage)
+    ranked = retrieval(
+        checkpoint_uri, features_uri, records_uri, storage, feature_config_hash(cfg), settings
+    )
     if ranked is not None:
         metrics["retrieval"] = ranked
     run = {

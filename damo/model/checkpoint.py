@@ -67,10 +67,12 @@ def save_checkpoint(
             staging / WEIGHTS_FILE,
             metadata={"format": str(FORMAT_VERSION)},
         )
-        model.llm.save_pretrained(staging / ADAPTER_DIR, safe_serialization=True)
+        if model.llm is not None:  # a model built without its LLM has no adapter to save
+            model.llm.save_pretrained(staging / ADAPTER_DIR, safe_serialization=True)
         header = {
             "format": FORMAT_VERSION,
             "stage": stage,
+            "adapter": model.llm is not None,
             "model": model.cfg.model_dump(mode="json"),
             "extra": extra or {},
         }
@@ -143,18 +145,24 @@ def _check_fits(path: Path, loaded: dict[str, torch.Tensor], expected: dict[str,
 
 
 def load_weights(model: DamoModel, directory: str | os.PathLike) -> DamoModel:
-    """Load a checkpoint's DaMO weights and LoRA adapter into an existing model."""
+    """Load a checkpoint's DaMO weights and LoRA adapter into an existing model.
+
+    A checkpoint saved without an LLM (stage 1) leaves the model's adapter as initialised
+    (LoRA starts as the identity); a model without an LLM ignores a saved adapter."""
     directory = Path(directory)
-    read_header(directory)
+    header = read_header(directory)
     weights_path = directory / WEIGHTS_FILE
     weights = _read_tensors(weights_path)
     expected = owned_state_dict(model)
     _check_fits(weights_path, weights, expected)
-    adapter_path = directory / ADAPTER_DIR / ADAPTER_WEIGHTS
-    adapter = _read_tensors(adapter_path)
-    _check_fits(adapter_path, adapter, get_peft_model_state_dict(model.llm))
+    adapter = None
+    if model.llm is not None and header.get("adapter", True):
+        adapter_path = directory / ADAPTER_DIR / ADAPTER_WEIGHTS
+        adapter = _read_tensors(adapter_path)
+        _check_fits(adapter_path, adapter, get_peft_model_state_dict(model.llm))
     model.load_state_dict(weights, strict=False)  # backbones are not in the file, by design
-    set_peft_model_state_dict(model.llm, adapter)
+    if adapter is not None:
+        set_peft_model_state_dict(model.llm, adapter)
     return model
 
 
@@ -163,13 +171,17 @@ def load_checkpoint(
     resolve: Resolve | None = None,
     device: str | torch.device | None = None,
     pretrained: bool = True,
+    with_llm: bool = True,
 ) -> DamoModel:
     """Rebuild a DamoModel from a checkpoint: its config, its backbones, its weights.
 
     `directory` is local; for an object-storage URI pass `resolve` (e.g. `Storage().fetch_dir`),
-    which also resolves the backbone paths named in the config.
+    which also resolves the backbone paths named in the config. `with_llm=False` skips the
+    LLM (retrieval needs only the video pathway, the heads and the text encoder).
     """
     local = Path(resolve(str(directory))) if resolve is not None else Path(directory)
-    model = DamoModel.from_config(read_config(local), pretrained=pretrained, resolve=resolve)
+    model = DamoModel.from_config(
+        read_config(local), pretrained=pretrained, resolve=resolve, with_llm=with_llm
+    )
     load_weights(model, local)
     return model.to(device) if device is not None else model

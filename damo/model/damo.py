@@ -19,6 +19,7 @@ from damo.config.model import Component, ModelConfig
 from damo.model.backbones import (
     DTYPES,
     Resolve,
+    arch_config,
     enable_activation_checkpointing,
     freeze,
     load_llm,
@@ -48,13 +49,14 @@ class DamoModel(nn.Module):
     pathway       residual -> temporal -> T-Fuseformer -> bridge (trainable, saved)
     heads         VTC / VTM / VTG for stage 1 (trainable, saved)
     text_encoder  frozen, for VTC/VTM (referenced by path)
-    llm           frozen causal LM wrapped in a peft LoRA adapter (adapter saved)
+    llm           frozen causal LM wrapped in a peft LoRA adapter (adapter saved); None when
+                  built `with_llm=False` (stage 1 and retrieval never call it)
     """
 
     def __init__(
         self,
         cfg: ModelConfig,
-        llm: nn.Module,
+        llm: nn.Module | None,
         text_encoder: nn.Module,
         tokenizer=None,
         text_tokenizer=None,
@@ -62,7 +64,12 @@ class DamoModel(nn.Module):
         super().__init__()
         self.cfg = cfg
         visual_dim, visual_patches = vision_geometry(cfg.vision)
-        llm_dim = llm.get_input_embeddings().embedding_dim
+        # without the LLM its width comes from the config, as the encoders' geometry does
+        llm_dim = (
+            llm.get_input_embeddings().embedding_dim
+            if llm is not None
+            else arch_config(cfg.llm).hidden_size
+        )
         text_dim = text_encoder.config.hidden_size
         self.pathway = VideoPathway(
             visual_dim=visual_dim,
@@ -85,6 +92,11 @@ class DamoModel(nn.Module):
         self.text_encoder = freeze(text_encoder)
         self.tokenizer = tokenizer
         self.text_tokenizer = text_tokenizer
+        if llm is None:
+            self.video_token_id = None
+            self.prompt_builder = None
+            self.llm = None
+            return
         if tokenizer is not None:
             if cfg.llm.video_token not in tokenizer.get_vocab():
                 tokenizer.add_special_tokens({"additional_special_tokens": [cfg.llm.video_token]})
@@ -108,25 +120,33 @@ class DamoModel(nn.Module):
         pretrained: bool = True,
         resolve: Resolve | None = None,
         device: str | torch.device | None = None,
+        with_llm: bool = True,
     ) -> DamoModel:
         """Load the backbones (`pretrained`) or build them from `arch` (at random, or on
-        `device="meta"` to count parameters and check shapes without any weights)."""
+        `device="meta"` to count parameters and check shapes without any weights).
+
+        `with_llm=False` leaves the LLM (and its tokenizer) unloaded: enough for the alignment
+        objective and retrieval, and its checkpoints load into a full model later."""
         on_meta = device is not None and torch.device(device).type == "meta"
         if on_meta and pretrained:
             raise ValueError("the meta device holds no weights: use pretrained=False")
         if pretrained:  # every backbone present before any loads: no 7B load, then a failure
-            locate("llm", cfg.llm, resolve)
+            if with_llm:
+                locate("llm", cfg.llm, resolve)
             locate("text_encoder", cfg.text_encoder, resolve)
         # pretrained weights load straight onto the target device; a random build moves there
         load_on = device if pretrained else None
         with torch.device("meta") if on_meta else nullcontext():
-            llm = load_llm(cfg.llm, pretrained, resolve, DTYPES[cfg.llm.dtype], load_on)
+            llm = None
+            if with_llm:
+                llm = load_llm(cfg.llm, pretrained, resolve, DTYPES[cfg.llm.dtype], load_on)
             text_encoder = load_text_encoder(cfg.text_encoder, pretrained, resolve)
             tokenizer = text_tokenizer = None
             if pretrained:
                 from transformers import AutoTokenizer
 
-                tokenizer = AutoTokenizer.from_pretrained(locate("llm", cfg.llm, resolve))
+                if with_llm:
+                    tokenizer = AutoTokenizer.from_pretrained(locate("llm", cfg.llm, resolve))
                 text_tokenizer = AutoTokenizer.from_pretrained(
                     locate("text_encoder", cfg.text_encoder, resolve)
                 )
@@ -136,6 +156,8 @@ class DamoModel(nn.Module):
     # ---- stages ----------------------------------------------------------------------------
     def component_parameters(self, component: Component) -> dict[str, nn.Parameter]:
         if component == "lora":
+            if self.llm is None:
+                return {}
             return {
                 f"llm.{name}": param
                 for name, param in self.llm.named_parameters()
@@ -220,8 +242,14 @@ class DamoModel(nn.Module):
         )
         return losses
 
+    def require_llm(self) -> nn.Module:
+        if self.llm is None:
+            raise RuntimeError("this model was built without its LLM (with_llm=False)")
+        return self.llm
+
     def llm_inputs(self, video: VideoFeatures, input_ids: Tensor) -> Tensor:
         """Token embeddings with the soft prompt spliced in at the `<video>` tokens."""
+        self.require_llm()
         embeds = self.llm.get_input_embeddings()(input_ids)  # (B, S, H)
         return splice_video(embeds, input_ids, self.video_token_id, self.soft_prompt(video))
 
@@ -276,6 +304,7 @@ class DamoModel(nn.Module):
         **generate_kwargs,
     ) -> list[str]:
         """Answer one prompt per video, batched (left padding); greedy decoding by default."""
+        self.require_llm()
         if self.prompt_builder is None:
             raise RuntimeError("no tokenizer: build the model with pretrained=True")
         if len(prompts) != video.visual.shape[0]:

@@ -6,6 +6,13 @@ A Ray checkpoint directory holds
                    read back with `torch.load(weights_only=True)`, never unpickled)
 Every rank calls `ray.train.report` the same number of times (it is a barrier): the shards are
 split equally, so all ranks see the same number of batches.
+
+The position inside an epoch is kept in global rows (`epoch_rows`, over all workers), so a stage
+resumes on more or fewer workers: each of W workers skips `epoch_rows // W` rows of its shard.
+Each epoch reads its own seeded, globally shuffled dataset in a fixed order, so on the same
+number of workers a resumed epoch trains exactly the rows the checkpoint had not seen (rows
+trained after the last checkpoint are trained again, once; none is skipped). On another number
+of workers the shards are cut differently and that exactness holds only for the row count.
 """
 
 from __future__ import annotations
@@ -14,6 +21,7 @@ import json
 import math
 import tempfile
 import time
+from collections.abc import Iterator
 from contextlib import nullcontext
 from pathlib import Path
 
@@ -61,6 +69,38 @@ def save_train_checkpoint(
     )
 
 
+def skip_rows(batches: Iterator[dict], rows: int) -> Iterator[dict]:
+    """numpy batches without their first `rows` rows (the first one kept may be partial)."""
+    for batch in batches:
+        size = len(next(iter(batch.values())))
+        if rows >= size:
+            rows -= size
+            continue
+        if rows:
+            batch = {key: value[rows:] for key, value in batch.items()}
+            rows = 0
+        yield batch
+
+
+class RecordIdLog:
+    """Debug (`train.record_ids`): the record ids one rank trains, per batch, with the step
+    they count towards; written at every checkpoint, so a killed worker leaves what the
+    checkpoint saw."""
+
+    def __init__(self, storage: Storage, run_uri: str, stage: int, rank: int, attempt: int):
+        self.storage = storage
+        name = f"rank{rank}-attempt{attempt}.jsonl"
+        self.uri = join(run_uri, "record_ids", f"stage{stage}", name)
+        self.lines: list[str] = []
+
+    def add(self, epoch: int, step: int, record_ids) -> None:
+        row = {"epoch": epoch, "step": step, "ids": [str(r) for r in record_ids]}
+        self.lines.append(json.dumps(row) + "\n")
+
+    def flush(self) -> None:
+        self.storage.write_bytes(self.uri, "".join(self.lines).encode())
+
+
 class StageLogger:
     """Rank 0's record of a stage: metrics JSONL and TensorBoard events in the run directory."""
 
@@ -96,6 +136,15 @@ class StageLogger:
         self.storage.write_bytes(self.metrics_uri, text.encode())
         self.storage.put_dir(self.local_tb, self.tensorboard_uri)
 
+    def close(self) -> None:
+        """Every event is in the run directory by now; the node keeps no copy."""
+        if not self.enabled:
+            return
+        import shutil
+
+        self.writer.close()
+        shutil.rmtree(self.local_tb, ignore_errors=True)
+
 
 def train_loop_per_worker(config: dict) -> None:
     import ray
@@ -125,7 +174,10 @@ def train_loop_per_worker(config: dict) -> None:
         ).encode(),
     )
 
-    model = DamoModel.from_config(cfg.model, resolve=storage.fetch_dir)
+    # the alignment objective never calls the LLM: it is not even loaded
+    model = DamoModel.from_config(
+        cfg.model, resolve=storage.fetch_dir, with_llm=spec.objective != "alignment"
+    )
     if config.get("init_checkpoint"):
         load_weights(model, storage.fetch_dir(config["init_checkpoint"]) / MODEL_DIR)
     params = model.set_stage(stage)
@@ -141,7 +193,7 @@ def train_loop_per_worker(config: dict) -> None:
         optimizer,
         warmup_cosine(total_steps, spec.schedule.warmup_ratio, spec.schedule.min_lr_ratio),
     )
-    position = {"epoch": 0, "step": 0, "batches_done": 0, "restarts": 0}
+    position = {"epoch": 0, "step": 0, "epoch_rows": 0, "restarts": 0, "workers": world}
     resumed = ray.train.get_checkpoint()
     if resumed is not None:
         with resumed.as_directory() as directory:
@@ -149,8 +201,9 @@ def train_loop_per_worker(config: dict) -> None:
             state = torch.load(Path(directory) / TRAIN_STATE, weights_only=True)
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
-        position = {k: int(state[k]) for k in position}
+        position = {k: int(state.get(k, 0)) for k in position}
         position["restarts"] += 1
+        position["workers"] = world
 
     ddp = ray.train.torch.prepare_model(
         model, move_to_device=False, parallel_strategy_kwargs={"find_unused_parameters": True}
@@ -159,10 +212,13 @@ def train_loop_per_worker(config: dict) -> None:
     autocast = (
         torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
     )
-    train_shard = ray.train.get_dataset_shard("train")
+    epoch_datasets = list(config["train_datasets"])
     val_shard = ray.train.get_dataset_shard("val")
     batches_per_epoch = int(config["batches_per_epoch"])
     logger = StageLogger(storage, config["run_uri"], stage, enabled=rank == 0)
+    ids_log = None
+    if cfg.train.record_ids:
+        ids_log = RecordIdLog(storage, config["run_uri"], stage, rank, position["restarts"])
     label = f"[stage {stage} {spec.name}]"
 
     def to_device(batch: dict) -> dict:
@@ -200,6 +256,8 @@ def train_loop_per_worker(config: dict) -> None:
             ray.train.report(metrics)
             return
         logger.flush()
+        if ids_log is not None:
+            ids_log.flush()
         with tempfile.TemporaryDirectory(prefix="damo-ckpt-") as directory:
             checkpoint = None
             if rank == 0:
@@ -211,24 +269,33 @@ def train_loop_per_worker(config: dict) -> None:
         report({"val_loss": validate(), "lr": scheduler.get_last_lr()[0]}, with_checkpoint=False)
     model.train()
     running, seen, window_start = 0.0, 0, time.monotonic()
-    done = position["step"] >= total_steps
+    done = spec.max_steps is not None and position["step"] >= total_steps
     while position["epoch"] < spec.epochs and not done:
-        skip = position["batches_done"]
-        batches = train_shard.iter_torch_batches(
-            batch_size=spec.batch_size,
-            collate_fn=collate,
-            local_shuffle_buffer_size=cfg.train.shuffle_buffer or None,
-            local_shuffle_seed=cfg.seed + position["epoch"] if cfg.train.shuffle_buffer else None,
+        shard = ray.train.get_dataset_shard(epoch_datasets[position["epoch"]])
+        # resumed mid-epoch: the rows trained before the checkpoint, this worker's share
+        skip = position["epoch_rows"] // world
+        batches = skip_rows(
+            shard.iter_batches(
+                batch_size=spec.batch_size,
+                batch_format="numpy",
+                local_shuffle_buffer_size=cfg.train.shuffle_buffer or None,
+                local_shuffle_seed=cfg.seed + position["epoch"]
+                if cfg.train.shuffle_buffer
+                else None,
+            ),
+            skip,
         )
-        for index, batch in enumerate(batches):
-            if index < skip:  # resumed mid-epoch: these batches were trained before the failure
-                continue
+        first = skip // spec.batch_size  # the index (in this epoch) of the next batch
+        for index, rows in enumerate(batches, start=first):
+            batch = collate(rows)
             with autocast:
                 losses = ddp(to_device(batch), stage)
             (losses["loss"] / spec.grad_accum).backward()
             running += float(losses["loss"].detach())
             seen += 1
-            position["batches_done"] = index + 1
+            position["epoch_rows"] += len(rows["record_id"]) * world  # equal shards
+            if ids_log is not None:
+                ids_log.add(position["epoch"], position["step"] + 1, rows["record_id"])
             if (index + 1) % spec.grad_accum and index + 1 < batches_per_epoch:
                 continue
             if spec.optimizer.grad_clip:
@@ -238,8 +305,11 @@ def train_loop_per_worker(config: dict) -> None:
             optimizer.zero_grad(set_to_none=True)
             position["step"] += 1
             step = position["step"]
-            done = step >= total_steps
-            if step % spec.log_every == 0 and not done:
+            # only a step budget ends a stage mid-epoch: after a resume on another number of
+            # workers the step count of the epochs differs from `total_steps`
+            done = spec.max_steps is not None and step >= total_steps
+            last = done or index + 1 >= batches_per_epoch  # the epoch's end reports instead
+            if step % spec.log_every == 0 and not last:
                 rate = seen * spec.batch_size * world / (time.monotonic() - window_start)
                 metrics = {
                     "train_loss": running / seen,
@@ -256,13 +326,13 @@ def train_loop_per_worker(config: dict) -> None:
                 checkpoint_now = bool(spec.checkpoint_every) and step % spec.checkpoint_every == 0
                 report(metrics, with_checkpoint=checkpoint_now)
                 running, seen, window_start = 0.0, 0, time.monotonic()
-            elif spec.checkpoint_every and step % spec.checkpoint_every == 0 and not done:
+            elif spec.checkpoint_every and step % spec.checkpoint_every == 0 and not last:
                 report({"lr": scheduler.get_last_lr()[0]}, with_checkpoint=True)
             if done:
                 break
         # the epoch is over, or the step budget ran out and the stage with it
         position["epoch"] += 1
-        position["batches_done"] = 0
+        position["epoch_rows"] = 0
         val_loss = validate()
         if rank == 0:
             print(
@@ -275,3 +345,4 @@ def train_loop_per_worker(config: dict) -> None:
             metrics["train_loss"] = running / seen
         report(metrics, with_checkpoint=True)
         running, seen, window_start = 0.0, 0, time.monotonic()
+    logger.close()

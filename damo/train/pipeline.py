@@ -15,6 +15,7 @@ import time
 from pathlib import Path
 
 from damo.config import DamoConfig, config_hash
+from damo.data.extract import feature_config_hash
 from damo.data.training import training_dataset
 from damo.storage import Storage, join, parse_uri
 from damo.train.loop import optimizer_steps, train_loop_per_worker
@@ -26,12 +27,77 @@ LOSS_PLOT = "loss_curves.png"
 
 
 class TrainError(RuntimeError):
-    pass
+    """A run that cannot start or a stage that failed; `logs` says where to look."""
+
+    def __init__(self, message: str, logs: dict | None = None):
+        super().__init__(message)
+        self.logs = logs or {}
+
+
+class StageFailed(Exception):
+    """A stage whose `TorchTrainer.fit()` returned an error instead of raising it."""
+
+    def __init__(self, error: BaseException):
+        super().__init__(str(error))
+        self.error = error
+
+
+def root_error(err: BaseException) -> BaseException:
+    """The error behind Ray Train's wrappers: the lowest rank's worker failure, or the
+    controller's."""
+    failures = getattr(err, "worker_failures", None)
+    if isinstance(failures, dict) and failures:
+        return root_error(failures[min(failures)])
+    controller = getattr(err, "controller_failure", None)
+    if isinstance(controller, BaseException):
+        return root_error(controller)
+    return err
+
+
+def one_line(err: BaseException) -> str:
+    """An error as one line: its type and the last non-empty line of its message (a worker's
+    error arrives with the worker's traceback in the message)."""
+    err = root_error(err)
+    lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+    message = lines[-1] if lines else ""
+    name = type(err).__name__
+    return f"{name}: {message}" if message and not message.startswith(name) else message or name
+
+
+def ray_log_dir() -> str | None:
+    """This node's Ray session log directory, when Ray is running here."""
+    try:
+        import ray
+
+        node = ray._private.worker._global_node  # no public API names the session dir
+        return node.get_logs_dir_path() if ray.is_initialized() and node else None
+    except Exception:  # noqa: BLE001  only a hint for the user
+        return None
+
+
+def stage_logs(run: str, stage: int, run_id: str) -> dict:
+    logs = {
+        "run": run,
+        "metrics": join(run, "metrics", f"stage{stage}.jsonl"),
+        "ray_run": join(run, "ray", f"{run_id}-stage{stage}"),
+    }
+    local = ray_log_dir()
+    if local:
+        logs["ray_logs"] = local
+    return logs
 
 
 def training_hash(cfg: DamoConfig) -> str:
-    """What must not change within a run: the model, the data and the training recipe."""
-    return config_hash({"model": cfg.model, "data": cfg.data, "train": cfg.train})
+    """What must not change within a run: the model, the data and the training recipe.
+
+    Not the scaling: a run resumes on more or fewer workers (positions are kept in rows)."""
+    train = cfg.train.model_dump(mode="json", exclude={"scaling"})
+    return config_hash({"model": cfg.model, "data": cfg.data, "train": train})
+
+
+def train_dataset_names(cfg: DamoConfig, epochs: int) -> list[str]:
+    """The Ray Train dataset each epoch reads: a differently shuffled one per epoch."""
+    return [f"train_epoch{e}" for e in range(epochs)] if cfg.train.shuffle else ["train"] * epochs
 
 
 def run_uri(cfg: DamoConfig, run_id: str) -> str:
@@ -63,15 +129,23 @@ def fit_stage(
     storage: Storage,
 ):
     """Run one stage's TorchTrainer; return (result, rows, total_steps)."""
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
     spec = stage_spec(cfg, stage)
     data = cfg.train.data
+    feature_hash = feature_config_hash(cfg)
     datasets, matched = {}, {}
     for name, split in (("train", data.train_split), ("val", data.val_split)):
         records = join(data.records, f"{split}.parquet")
-        datasets[name], report = training_dataset(data.features, records, spec.tasks, storage)
+        datasets[name], report = training_dataset(
+            data.features, records, spec.tasks, storage, feature_hash
+        )
+        if report.stale_rows or report.duplicate_rows:
+            print(
+                f"stage {stage} {name}: skipped {report.stale_rows} feature rows of another "
+                f"feature config and {report.duplicate_rows} older duplicates"
+            )
         matched[name] = report.matched
         if report.unmatched:
             print(
@@ -81,8 +155,16 @@ def fit_stage(
         if not report.matched:
             raise TrainError(
                 f"stage {stage}: no {name} records for tasks {spec.tasks} have "
-                f"features under {data.features}"
+                f"features (config {feature_hash}) under {data.features}"
             )
+    names = train_dataset_names(cfg, spec.epochs)
+    if cfg.train.shuffle:  # a global, seeded shuffle per epoch; rows of a video spread out
+        train = datasets.pop("train")
+        for epoch, name in enumerate(names):
+            datasets[name] = train.random_shuffle(seed=cfg.seed + epoch)
+    # Deterministic order per epoch: a resumed epoch skips exactly the rows it trained
+    ingest = DataConfig.default_ingest_options()
+    ingest.preserve_order = True
     scaling = cfg.train.scaling
     batches, total_steps = optimizer_steps(matched["train"], scaling.num_workers, spec)
     if batches == 0:
@@ -106,6 +188,7 @@ def fit_stage(
             "init_checkpoint": init_checkpoint,
             "total_steps": total_steps,
             "batches_per_epoch": batches,
+            "train_datasets": names,
             "run_uri": run,
         },
         scaling_config=ScalingConfig(
@@ -122,6 +205,7 @@ def fit_stage(
             checkpoint_config=CheckpointConfig(num_to_keep=None),
         ),
         datasets=datasets,
+        dataset_config=DataConfig(execution_options=ingest),
     )
     return trainer.fit(), matched, total_steps
 
@@ -228,12 +312,26 @@ def train_pipeline(
         manifest["stages"][str(stage)] = entry
         write_manifest(storage, run, manifest)
         log(f"stage {stage} ({STAGE_NAMES[stage]}) starting")
-        result, rows, total_steps = fit_stage(cfg, stage, run, run_id, previous, storage)
-        if result.error is not None:
-            entry.update(status="failed", error=str(result.error))
+        try:
+            result, rows, total_steps = fit_stage(cfg, stage, run, run_id, previous, storage)
+            if result.error is not None:
+                raise StageFailed(result.error)
+            checkpoint, best = best_checkpoint(result, run)
+        except BaseException as err:  # noqa: BLE001  recorded, then raised on
+            cause = err.error if isinstance(err, StageFailed) else err
+            entry.update(
+                status="failed",
+                error=one_line(cause),
+                finished=time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+                logs=stage_logs(run, stage, run_id),
+            )
             write_manifest(storage, run, manifest)
-            raise TrainError(f"stage {stage} failed: {result.error}")
-        checkpoint, best = best_checkpoint(result, run)
+            if isinstance(err, Exception):
+                raise TrainError(
+                    f"stage {stage} ({STAGE_NAMES[stage]}) failed: {one_line(cause)}",
+                    logs=entry["logs"],
+                ) from cause
+            raise  # KeyboardInterrupt, SystemExit: recorded, then as they were
         history = read_stage_metrics(storage, run, stage)
         val = [r["val_loss"] for r in history if r.get("val_loss") is not None]
         entry.update(
