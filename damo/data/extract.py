@@ -62,6 +62,7 @@ class ExtractSummary:
     seconds: float
     output_uri: str
     feature_config_hash: str
+    retryable_errors: int = 0  # error rows in the output that `retry_errors` would redo
     clips_per_second: float = field(init=False)
 
     def __post_init__(self):
@@ -515,6 +516,20 @@ def prune_superseded_errors(storage: Storage, output_uri: str) -> int:
     return pruned
 
 
+def _count_retryable(storage: Storage, output_uri: str, cfg_hash: str) -> int:
+    table = _read_columns(storage, join(output_uri, ERRORS_DIR), ["reason", "config_hash"])
+    if table is None:
+        return 0
+    final = {str(reason) for reason in DETERMINISTIC_REASONS}
+    return sum(
+        1
+        for reason, hashed in zip(
+            table.column("reason").to_pylist(), table.column("config_hash").to_pylist(), strict=True
+        )
+        if reason not in final and hashed in (cfg_hash, None)
+    )
+
+
 def _uri_of(output_uri: str, path: str) -> str:
     """The URI of a path that `storage.parquet_files(output_uri/...)` returned."""
     return path if "://" not in output_uri else f"{output_uri.split('://', 1)[0]}://{path}"
@@ -637,6 +652,7 @@ def extract_features(
         errors.update(sink.totals["errors"])
     prune_superseded_errors(storage, output_uri)
     summary = ExtractSummary(
+        retryable_errors=_count_retryable(storage, output_uri, cfg_hash),
         inputs=len(dict.fromkeys(uris)),
         skipped=skipped,
         ok=ok_count,

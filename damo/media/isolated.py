@@ -147,11 +147,27 @@ def _read_frame(stream, deadline: float | None) -> bytes:
 
 
 # ---- the child -------------------------------------------------------------------------------
+def _exit_with_parent() -> None:
+    """Exit when the parent (a Ray worker) dies, even in the middle of a hung decode: a killed
+    job must not leave decoder processes behind."""
+    import threading
+
+    parent = os.getppid()
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(0.5)
+        os._exit(0)
+
+    threading.Thread(target=watch, daemon=True, name="exit-with-parent").start()
+
+
 def _serve() -> None:
     """Answer decode requests from stdin until the parent closes it."""
     # The protocol owns the original stdout; anything a library prints goes to stderr instead.
     out = os.fdopen(os.dup(1), "wb")
     os.dup2(2, 1)
+    _exit_with_parent()
     from damo.media.decode import decode_clip
     from damo.storage import Storage
 
