@@ -447,9 +447,10 @@ def _read_columns(storage: Storage, prefix_uri: str, columns: list[str]) -> pa.T
     fs, paths = storage.parquet_files(prefix_uri)
     tables = []
     for path in paths:
-        schema = pq.read_schema(path, filesystem=fs)
-        present = [c for c in columns if c in schema.names]
-        table = pq.read_table(path, filesystem=fs, columns=present)
+        with fs.open_input_file(path) as source:  # one open per shard: footer, then columns
+            shard = pq.ParquetFile(source)
+            present = [c for c in columns if c in shard.schema_arrow.names]
+            table = shard.read(columns=present)
         for c in columns:
             if c not in present:
                 table = table.append_column(c, pa.nulls(table.num_rows, pa.string()))
@@ -621,7 +622,7 @@ def extract_features(
             decode_tasks=settings.decode_tasks,
         )
         batch_size = batch_size or settings.batch_size
-        batches = -(-len(to_decode) // batch_size)
+        actors = min(sizing.num_actors, -(-len(to_decode) // batch_size))
         retries = settings.max_task_retries
         sink = ShardSink(output_uri, cfg.storage.s3, stamp, settings.shard_rows)
         (
@@ -638,7 +639,10 @@ def extract_features(
                 EncodeFeatures,
                 fn_constructor_args=(cfg, cfg_hash, cfg.storage.s3, sizing.torch_threads),
                 batch_size=batch_size,
-                compute=ray.data.ActorPoolStrategy(size=min(sizing.num_actors, batches)),
+                # all start at once, but work begins with the first that is ready
+                compute=ray.data.ActorPoolStrategy(
+                    min_size=1, max_size=actors, initial_size=actors
+                ),
                 num_gpus=sizing.gpus_per_actor,
                 num_cpus=sizing.cpus_per_actor,
                 max_restarts=settings.max_actor_restarts,
