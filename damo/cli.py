@@ -199,22 +199,22 @@ def extract_command(
     config: ConfigName = None,
     overrides: Overrides = None,
     batch_size: Annotated[
-        int | None, typer.Option(min=1, help="Clips per encoder batch [data.extract.batch_size].")
+        int | None, typer.Option(min=1, help="Clips per encoder batch (data.extract.batch_size).")
     ] = None,
     actors: Annotated[
         int | None,
         typer.Option(
             min=1,
-            help="Encoder actors (one model copy each) [data.extract.num_actors; default: one "
-            "per GPU, or one per CPU core].",
+            help="Encoder actors, one model copy each (data.extract.num_actors; default: one "
+            "per GPU, or one per CPU core).",
         ),
     ] = None,
     gpus_per_actor: Annotated[
         float | None,
         typer.Option(
             min=0,
-            help="GPUs per encoder actor [data.extract.gpus_per_actor; default: 1 on a cluster "
-            "with GPUs, else 0].",
+            help="GPUs per encoder actor (data.extract.gpus_per_actor; default: 1 on a cluster "
+            "with GPUs, else 0).",
         ),
     ] = None,
     retry_errors: Annotated[
