@@ -118,15 +118,19 @@ def test_sizing_from_cluster_resources():
     given = size_extraction({"CPU": 32.0, "GPU": 4.0}, num_actors=2, decode_tasks=3)
     assert (given.num_actors, given.decode_tasks) == (2, 3)
 
+    assert not gpu.decode_in_actors  # the GPU actors are fed by CPU decode tasks
+
     laptop = size_extraction({"CPU": 2.0})
     assert (laptop.num_actors, laptop.gpus_per_actor, laptop.torch_threads) == (2, 0.0, 1)
-    # the actors never hold every CPU: decode and write tasks keep a share to run on
+    assert laptop.decode_in_actors and laptop.decode_tasks == 0
+    # the actors never hold every CPU: write tasks keep a share to run on
     used = laptop.num_actors * laptop.cpus_per_actor
-    assert used < 2.0
-    assert used + laptop.decode_tasks * laptop.cpus_per_decode + laptop.cpus_per_write <= 2.0 + 1e-9
+    assert used + laptop.cpus_per_write <= 2.0 - 0.25
     big = size_extraction({"CPU": 64.0})
     assert big.num_actors == 64 and big.num_actors * big.cpus_per_actor <= 48
-    assert big.decode_tasks * big.cpus_per_decode <= 64 - 48
+    staged = size_extraction({"CPU": 8.0}, num_actors=4, decode_tasks=2)
+    assert not staged.decode_in_actors and staged.decode_tasks == 2
+    assert 4 * staged.cpus_per_actor + 2 * staged.cpus_per_decode <= 8.0
     one = size_extraction({"CPU": 8.0}, num_actors=1)
     assert one.torch_threads == 8 and one.cpus_per_actor == 1.0
     with pytest.raises(ValueError, match="per encoder actor"):

@@ -1,13 +1,14 @@
 """Feature extraction with Ray Data: video URIs -> frozen-encoder features in Parquet shards.
 
-    URIs --plan (driver: stat, skip done)--> decode (CPU tasks, PyAV in a child process)
-         --> encode (actor pool holding the frozen encoders) --> write shards as they come:
-         features/*.parquet, errors/*.parquet; then summary.json
+    URIs --plan (driver: stat, skip done)--> decode (PyAV in a child process; CPU tasks on
+         a GPU cluster, inside the encoder actors on a CPU-only one) --> encode (actor pool
+         holding the frozen encoders) --> write shards as they come: features/*.parquet,
+         errors/*.parquet; then summary.json
 
-Rows stream through: decoding overlaps with encoding, the object store holds only the blocks
-in flight (a bound independent of the number of inputs), and each shard is durable once
-written, so a killed run keeps its shards and a re-run skips their rows. The actor pool and
-the decode tasks are sized from the cluster's resources (`size_extraction`) unless given.
+Rows stream through: the object store holds only the blocks in flight (a bound independent of
+the number of inputs), and each shard is durable once written, so a killed run keeps its
+shards and a re-run skips their rows. The actor pool and the decode tasks are sized from the
+cluster's resources (`size_extraction`) unless given.
 
 Every input ends as exactly one feature row or one error row with a machine-readable reason;
 nothing is dropped silently. A file that crashes or hangs the decoder is an error row
@@ -232,8 +233,14 @@ class EncodeFeatures:
     """map_batches UDF (actor pool): run the frozen encoders once per actor, on every OK row."""
 
     def __init__(
-        self, cfg: DamoConfig, cfg_hash: str, s3: S3Config, torch_threads: int | None = None
+        self,
+        cfg: DamoConfig,
+        cfg_hash: str,
+        s3: S3Config,
+        torch_threads: int | None = None,
+        decode_cfg: DamoConfig | None = None,
     ):
+        """`decode_cfg`: decode each batch of URIs here first (`decode_videos`)."""
         import ray
         import torch
 
@@ -256,8 +263,11 @@ class EncodeFeatures:
         self.audio_shape = (decode.num_segments, cfg.model.audio.tokens_per_segment, audio_width)
         self.cfg_hash = cfg_hash
         self.sample_rate = cfg.data.decode.sample_rate
+        self.decode_cfg = decode_cfg
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        if self.decode_cfg is not None:
+            batch = decode_videos(batch, self.decode_cfg)
         size = len(batch["error_reason"])
         visual_all = np.zeros((size, *self.visual_shape), np.float16)  # (B, T, 1+P, Dv)
         audio_all = np.zeros((size, *self.audio_shape), np.float16)  # (B, M, L, Da)
@@ -308,15 +318,18 @@ class ExtractSizing:
     gpus_per_actor: float
     cpus_per_actor: float
     torch_threads: int  # intra-op threads per encoder actor
-    decode_tasks: int  # concurrent decode tasks (CPU)
+    decode_in_actors: bool  # each actor decodes its own batches (CPU-only clusters)
+    decode_tasks: int  # concurrent decode tasks (CPU) when decoding is a stage of its own
     cpus_per_decode: float
     cpus_per_write: float
 
 
-# On a CPU-only cluster every core runs an encoder actor, but on 3/4 of a logical CPU: the
-# remaining quarter per core is what decode and write tasks are scheduled on. They are short
-# next to encoding and overlap with it, and no actor pool holds every CPU (RAY_NOTES: read and
-# decode tasks would starve).
+# On a CPU-only cluster every core runs an encoder actor that decodes its own batches (in its
+# decoder child process): every core stays busy, decoding on one while encoding on another,
+# and decoded frames and audio never enter the object store. Each actor takes 3/4 of a logical
+# CPU; the rest is what write tasks are scheduled on, so the pool never holds every CPU
+# (RAY_NOTES: other tasks would starve). With GPUs, decoding is a stage of CPU tasks that
+# keeps the GPU actors fed.
 _CPU_ACTOR_SHARE = 0.75
 _WRITE_CPUS = 0.05
 
@@ -330,7 +343,9 @@ def size_extraction(
     """Size the stages from the cluster's resources (`ray.cluster_resources()`), unless given.
 
     With GPUs: one encoder actor per GPU (1 GPU, 1 CPU each), decoding on separate CPU tasks
-    on the other CPUs. CPU-only: one encoder actor (one torch thread) per core, see above.
+    on the other CPUs. CPU-only: one encoder actor (one torch thread) per core that decodes
+    its own batches, see above; giving `decode_tasks` makes decoding a stage of its own there
+    too.
     """
     cpus = max(float(resources.get("CPU", 1.0)), 1.0)
     gpus = float(resources.get("GPU", 0.0))
@@ -346,19 +361,22 @@ def size_extraction(
         spare = max(cpus - actors * cpus_per_actor - _WRITE_CPUS, 0.25)
         decoders = decode_tasks or max(1, int(spare))
         threads = 1
+        in_actors = False
     else:
         actors = num_actors or max(1, int(cpus))
         cpus_per_actor = min(1.0, _CPU_ACTOR_SHARE * cpus / actors)
         spare = max(cpus - actors * cpus_per_actor - _WRITE_CPUS, 0.1)
-        decoders = decode_tasks or max(1, int(round(spare)))
+        in_actors = decode_tasks is None
+        decoders = decode_tasks or 1
         threads = max(1, int(cpus // actors))
     return ExtractSizing(
         num_actors=actors,
         gpus_per_actor=gpus_per_actor,
         cpus_per_actor=round(cpus_per_actor, 3),
         torch_threads=threads,
-        decode_tasks=decoders,
-        cpus_per_decode=round(min(1.0, spare / decoders), 3),
+        decode_in_actors=in_actors,
+        decode_tasks=0 if in_actors else decoders,
+        cpus_per_decode=0.0 if in_actors else round(min(1.0, spare / decoders), 3),
         cpus_per_write=_WRITE_CPUS,
     )
 
@@ -625,9 +643,9 @@ def extract_features(
         actors = min(sizing.num_actors, -(-len(to_decode) // batch_size))
         retries = settings.max_task_retries
         sink = ShardSink(output_uri, cfg.storage.s3, stamp, settings.shard_rows)
-        (
-            ray.data.from_items(to_decode)
-            .map_batches(
+        dataset = ray.data.from_items(to_decode)
+        if not sizing.decode_in_actors:
+            dataset = dataset.map_batches(
                 decode_videos,
                 fn_kwargs={"cfg": cfg},
                 batch_size=1,
@@ -635,9 +653,11 @@ def extract_features(
                 num_cpus=sizing.cpus_per_decode,
                 max_retries=retries,
             )
-            .map_batches(
+        (
+            dataset.map_batches(
                 EncodeFeatures,
                 fn_constructor_args=(cfg, cfg_hash, cfg.storage.s3, sizing.torch_threads),
+                fn_constructor_kwargs={"decode_cfg": cfg if sizing.decode_in_actors else None},
                 batch_size=batch_size,
                 # all start at once, but work begins with the first that is ready
                 compute=ray.data.ActorPoolStrategy(
@@ -647,8 +667,7 @@ def extract_features(
                 num_cpus=sizing.cpus_per_actor,
                 max_restarts=settings.max_actor_restarts,
                 max_task_retries=retries,
-            )
-            .write_datasink(
+            ).write_datasink(
                 sink, ray_remote_args={"num_cpus": sizing.cpus_per_write, "max_retries": retries}
             )
         )
