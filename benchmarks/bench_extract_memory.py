@@ -106,6 +106,7 @@ def main() -> None:
         done = subprocess.run(
             [sys.executable, __file__, "--one", "--clips", str(clips)],
             env=env,
+            cwd=args.code,  # Ray puts the driver's directory first on the workers' path
             capture_output=True,
             text=True,
         )
