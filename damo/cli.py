@@ -226,11 +226,39 @@ def extract_command(
     ] = None,
     config: ConfigName = None,
     overrides: Overrides = None,
-    batch_size: Annotated[int, typer.Option(min=1, help="Clips per encoder batch.")] = 4,
-    actors: Annotated[int, typer.Option(min=1, help="Encoder actors (one model copy each).")] = 1,
-    gpus_per_actor: Annotated[float, typer.Option(min=0, help="GPUs per encoder actor.")] = 0.0,
+    batch_size: Annotated[
+        int | None, typer.Option(min=1, help="Clips per encoder batch (data.extract.batch_size).")
+    ] = None,
+    actors: Annotated[
+        int | None,
+        typer.Option(
+            min=1,
+            help="Encoder actors, one model copy each (data.extract.num_actors; default: one "
+            "per GPU, or one per CPU core).",
+        ),
+    ] = None,
+    gpus_per_actor: Annotated[
+        float | None,
+        typer.Option(
+            min=0,
+            help="GPUs per encoder actor (data.extract.gpus_per_actor; default: 1 on a cluster "
+            "with GPUs, else 0).",
+        ),
+    ] = None,
+    retry_errors: Annotated[
+        bool,
+        typer.Option(
+            "--retry-errors",
+            help="Redo the inputs whose error may pass (storage trouble, timeouts, unexpected "
+            "exceptions). Errors that are properties of the file (not_media, truncated, "
+            "corrupt_stream, decoder_crash, ...) are final.",
+        ),
+    ] = False,
 ) -> None:
-    """Decode videos and run the frozen encoders with Ray Data into Parquet feature shards."""
+    """Decode videos and run the frozen encoders with Ray Data into Parquet feature shards.
+
+    Shards are written as rows finish; a re-run (after a crash or a kill) keeps them and does
+    only what is missing."""
     from damo.data.extract import connect_ray, extract_features, video_uris
     from damo.storage import Storage
 
@@ -253,6 +281,7 @@ def extract_command(
         num_actors=actors,
         num_gpus_per_actor=gpus_per_actor,
         storage=storage,
+        retry_errors=retry_errors,
     )
     table = Table(title=f"feature extraction -> {out}")
     for column in ("inputs", "skipped (done before)", "ok", "errors", "clips/s"):
@@ -267,6 +296,11 @@ def extract_command(
     console.print(table)
     for reason, count in sorted(summary.errors.items()):
         console.print(f"  error {reason}: {count}")
+    if summary.retryable_errors:
+        console.print(
+            f"{summary.retryable_errors} error(s) may pass (storage, timeouts, unexpected); "
+            "run again with --retry-errors to redo them"
+        )
 
 
 # ---- model ----------------------------------------------------------------------------------

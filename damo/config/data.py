@@ -42,6 +42,65 @@ class DecodeConfig(Section):
     )
 
 
+class ExtractConfig(Section):
+    """How feature extraction runs (`damo extract`). None of it changes what a feature row
+    holds, so none of it is in the feature hash: changing it redoes nothing."""
+
+    batch_size: int = Field(default=4, ge=1, description="Clips per encoder batch.")
+    num_actors: int | None = Field(
+        default=None,
+        ge=1,
+        description="Encoder actors (one model copy each); None: sized "
+        "from the cluster (one per GPU, or one per CPU core on a CPU-only cluster).",
+    )
+    gpus_per_actor: float | None = Field(
+        default=None,
+        ge=0,
+        description="GPUs per encoder actor; None: 1 when the cluster has GPUs, else 0.",
+    )
+    decode_tasks: int | None = Field(
+        default=None,
+        ge=1,
+        description="Concurrent decode tasks; None: sized from the cluster.",
+    )
+    isolate_decoder: bool = Field(
+        default=True,
+        description="Decode in a child process, so that a file which crashes or hangs the "
+        "native decoder becomes an error row (decoder_crash, timeout) instead of a dead worker.",
+    )
+    decode_timeout_s: float = Field(
+        default=300.0,
+        gt=0,
+        description="Wall-clock limit per file for the decoder process, "
+        "which is then killed (timeout row). Applies when isolate_decoder is on.",
+    )
+    crash_retries: int = Field(
+        default=1,
+        ge=0,
+        description="A file whose decoder process dies is tried this many "
+        "more times in a fresh process before it is recorded as decoder_crash.",
+    )
+    max_task_retries: int = Field(
+        default=2,
+        ge=0,
+        description="Ray retries of a decode, encode or write task after a "
+        "system failure (a dead worker or node). Failures of single files are error rows.",
+    )
+    max_actor_restarts: int = Field(default=2, ge=0, description="Restarts per encoder actor.")
+    shard_rows: int = Field(
+        default=16,
+        ge=1,
+        description="Rows per Parquet shard. Each shard is durable once "
+        "written: a killed run loses at most the shards in flight.",
+    )
+    decoder_faults: dict[str, Literal["crash", "hang"]] = Field(
+        default_factory=dict,
+        description="Fault injection for rehearsals and tests: the decoder process aborts "
+        "(crash) or stops answering (hang) on inputs whose URI contains a key. Needs "
+        "isolate_decoder. Leave empty in real runs.",
+    )
+
+
 class SyntheticConfig(Section):
     """The synthetic audio-visual world (damo/data/synthetic.py)."""
 
@@ -58,4 +117,5 @@ class SyntheticConfig(Section):
 
 class DataConfig(Section):
     decode: DecodeConfig = DecodeConfig()
+    extract: ExtractConfig = ExtractConfig()
     synthetic: SyntheticConfig = SyntheticConfig()

@@ -46,6 +46,25 @@ class MediaReason(enum.StrEnum):
     TIMEOUT = "timeout"
     STORAGE = "storage_error"
     DECODE = "decode_error"
+    DECODER_CRASH = "decoder_crash"
+
+
+# Reasons that are a property of the file's bytes: decoding the same object version again gives
+# the same answer, so its error row is final. Every other reason (storage trouble, time limits,
+# unexpected exceptions) may pass, and `damo extract --retry-errors` redoes those rows.
+# A decoder crash counts as the file's own only after it repeats in a fresh process.
+DETERMINISTIC_REASONS = frozenset(
+    {
+        MediaReason.EMPTY,
+        MediaReason.TRUNCATED,
+        MediaReason.NOT_MEDIA,
+        MediaReason.NO_VIDEO,
+        MediaReason.CORRUPT,
+        MediaReason.ABSURD_DIMENSIONS,
+        MediaReason.ZERO_DURATION,
+        MediaReason.DECODER_CRASH,
+    }
+)
 
 
 @dataclass(frozen=True)
