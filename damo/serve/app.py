@@ -25,10 +25,11 @@ from ray.serve.exceptions import BackPressureError
 
 from damo.config import DamoConfig
 from damo.eval.parse import parse_span
+from damo.serve import http as http_state
 from damo.serve.answer import Answer, Answerer, Question
 from damo.serve.errors import ApiError
 from damo.serve.featurizer import Featurizer, VideoFeaturesRow
-from damo.serve.http import ERRORS, api, authorize, settings
+from damo.serve.http import ERRORS, api, authorize
 from damo.serve.openai_format import awaited, chat_turn, spans_in, sse_chunks
 from damo.serve.schemas import (
     AssistantMessage,
@@ -64,6 +65,9 @@ class FeaturizerDeployment:
 @serve.deployment(name="model")
 class ModelReplica:
     def __init__(self, cfg: DamoConfig, checkpoint_uri: str):
+        from damo.serve.local import resolve_checkpoint
+
+        checkpoint_uri = resolve_checkpoint(checkpoint_uri)
         self.answerer = Answerer(cfg, checkpoint_uri, max(1, int(cfg.serve.model.num_cpus)))
         self.answer.set_max_batch_size(cfg.serve.batching.max_batch_size)
         self.answer.set_batch_wait_timeout_s(cfg.serve.batching.batch_wait_timeout_s)
@@ -86,9 +90,10 @@ class Ingress:
         self.model = model
         limits = cfg.serve.limits
         # a data: URL is 4/3 of the video, plus the JSON around it
-        settings.max_body_bytes = int(limits.max_upload_mb * 2**20 * 4 / 3) + 2**20
+        http_state.settings.max_body_bytes = int(limits.max_upload_mb * 2**20 * 4 / 3) + 2**20
+        # through the module (not a name bound here): Serve pickles this class by value
         secret = token.get_secret_value() if token is not None else None
-        settings.token = secret or os.environ.get(cfg.serve.auth_token_env) or None
+        http_state.settings.token = secret or os.environ.get(cfg.serve.auth_token_env) or None
         self.created = int(time.time())
 
     # ---- the pipeline, shared by every route ----
@@ -233,7 +238,10 @@ class Ingress:
     @api.get("/", response_class=HTMLResponse, include_in_schema=False)
     async def page(self) -> HTMLResponse:
         html = resources.files("damo.serve").joinpath("page.html").read_text()
-        page_settings = {"model": self.cfg.serve.model_name, "auth": bool(settings.token)}
+        page_settings = {
+            "model": self.cfg.serve.model_name,
+            "auth": bool(http_state.settings.token),
+        }
         return HTMLResponse(html.replace("/*SETTINGS*/{}", json.dumps(page_settings)))
 
 
