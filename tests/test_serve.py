@@ -212,7 +212,7 @@ def test_bearer_token(service):
         ("/etc/passwd", 403, "video_uri_not_allowed"),
         ("file:///etc/passwd", 403, "video_uri_not_allowed"),
         ("{videos}/../../../etc/passwd", 403, "video_uri_not_allowed"),
-        ("{videos}/%2e%2e/x.mp4", 404, None),  # %2e stays literal in a path: a missing file
+        ("{videos}/%2e%2e/%2e%2e/x.mp4", 403, "video_uri_not_allowed"),  # encoded ..
         ("{media}/escape.mp4", 403, "video_uri_not_allowed"),  # symlink out of the root
         ("s3://another-bucket/video.mp4", 403, "video_uri_not_allowed"),
         ("http://169.254.169.254/latest/meta-data", 403, "video_uri_not_allowed"),

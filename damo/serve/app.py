@@ -21,6 +21,7 @@ from fastapi import Depends
 from fastapi.responses import HTMLResponse, StreamingResponse
 from pydantic import SecretStr
 from ray import serve
+from ray.exceptions import ActorUnavailableError, RayActorError
 from ray.serve.exceptions import BackPressureError
 
 from damo.config import DamoConfig
@@ -97,19 +98,39 @@ class Ingress:
         self.created = int(time.time())
 
     # ---- the pipeline, shared by every route ----
-    async def _call(self, response, timeout_s: float, what: str):
-        try:
-            result = await asyncio.wait_for(awaited(response), timeout_s)
-        except TimeoutError:
-            response.cancel()
-            raise ApiError(
-                504, f"{what}_timeout", f"{what} took longer than {timeout_s:g} s (time limit)"
-            ) from None
-        except BackPressureError:
-            retry = str(self.cfg.serve.limits.retry_after_s)
-            raise ApiError(
-                503, "overloaded", f"the {what} queue is full; retry later", {"Retry-After": retry}
-            ) from None
+    async def _call(self, send, timeout_s: float, what: str):
+        """`send()` issues the call; a replica that dies meanwhile (killed, node lost) gets the
+        request sent again once, to another replica, within the same time limit."""
+        deadline = time.monotonic() + timeout_s
+        for attempt in (1, 2):
+            response = send()
+            try:
+                result = await asyncio.wait_for(
+                    awaited(response), max(0.01, deadline - time.monotonic())
+                )
+                break
+            except TimeoutError:
+                response.cancel()
+                raise ApiError(
+                    504, f"{what}_timeout", f"{what} took longer than {timeout_s:g} s (time limit)"
+                ) from None
+            except BackPressureError:
+                retry = str(self.cfg.serve.limits.retry_after_s)
+                raise ApiError(
+                    503,
+                    "overloaded",
+                    f"the {what} queue is full; retry later",
+                    {"Retry-After": retry},
+                ) from None
+            except (RayActorError, ActorUnavailableError):
+                if attempt == 2:
+                    retry = str(self.cfg.serve.limits.retry_after_s)
+                    raise ApiError(
+                        503,
+                        "replica_lost",
+                        f"the {what} replica was lost twice; retry later",
+                        {"Retry-After": retry},
+                    ) from None
         if isinstance(result, ApiError):
             raise result
         return result
@@ -140,12 +161,12 @@ class Ingress:
             limits.decode_timeout_s,
         )
         features: VideoFeaturesRow = await self._call(
-            self.featurizer.features.remote(source), limits.decode_timeout_s + 5, "decoding"
+            lambda: self.featurizer.features.remote(source), limits.decode_timeout_s + 5, "decoding"
         )
         featurized = time.perf_counter()
         question = Question(features, prompt.strip(), max_new_tokens or limits.max_new_tokens)
         answer: Answer = await self._call(
-            self.model.answer.remote(question), limits.generate_timeout_s, "generation"
+            lambda: self.model.answer.remote(question), limits.generate_timeout_s, "generation"
         )
         timings = Timings(
             featurize_s=round(featurized - started, 4),
