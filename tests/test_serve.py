@@ -302,6 +302,9 @@ def test_openai_client(service, clips):
     assert chunks[0].choices[0].delta.role == "assistant"
     assert "".join(c.choices[0].delta.content or "" for c in chunks) == text
     assert chunks[-1].choices[0].finish_reason in ("stop", "length")
+    # max_tokens is a ceiling: above the service's limit (32 here) it is clamped, not refused
+    capped = client.chat.completions.create(model="damo", messages=messages, max_tokens=4096)
+    assert capped.usage.completion_tokens <= 32
     with pytest.raises(Exception) as refused:
         OpenAI(base_url=service + "v1", api_key="wrong", max_retries=0).models.list()
     assert getattr(refused.value, "status_code", None) == 401

@@ -218,11 +218,15 @@ class Ingress:
                 f"unknown model {body.model!r}; this service has {self.cfg.serve.model_name!r}",
             )
         video, prompt = chat_turn(body)
-        tokens = body.max_completion_tokens or body.max_tokens
+        # OpenAI's max_tokens is a ceiling: the service's own limit may be lower
+        requested = body.max_completion_tokens or body.max_tokens
+        tokens = min(
+            requested or self.cfg.serve.limits.max_new_tokens, self.cfg.serve.limits.max_new_tokens
+        )
         features, answer, _timings = await self._ask(video, prompt, tokens)
         completion_id = f"chatcmpl-{uuid.uuid4().hex[:24]}"
         created = int(time.time())
-        finish = "length" if tokens and answer.completion_tokens >= tokens else "stop"
+        finish = "length" if answer.completion_tokens >= tokens else "stop"
         if body.stream:
             return StreamingResponse(
                 sse_chunks(completion_id, created, body.model, answer.text, finish),
