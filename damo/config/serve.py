@@ -87,10 +87,11 @@ class IngressDeployment(DeploymentConfig):
 
 
 class FeaturizerDeployment(DeploymentConfig):
-    """Decoding + the frozen encoders, on CPU."""
+    """Decoding + the frozen encoders, on CPU. Most calls are cache hits that take
+    milliseconds, so many may be in flight; decoding itself runs one video at a time."""
 
     num_cpus: float = Field(default=0.5, ge=0)
-    max_ongoing_requests: int = Field(default=4, ge=1)
+    max_ongoing_requests: int = Field(default=16, ge=1)
 
 
 class ModelDeployment(DeploymentConfig):
