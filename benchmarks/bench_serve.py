@@ -224,6 +224,9 @@ def main() -> None:
     parser.add_argument("--max-new-tokens", type=int, default=16)
     parser.add_argument("--kill-after-s", type=float, default=5.0)
     parser.add_argument("--kill-load-s", type=float, default=20.0)
+    parser.add_argument(
+        "--batching-only", action="store_true", help="Only batched vs unbatched (parts 1)."
+    )
     parser.add_argument("--out", default="benchmarks/results_serve.json")
     args = parser.parse_args()
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
@@ -237,29 +240,36 @@ def main() -> None:
         batched = serve_config(backbones, videos, 16, 1, tokens)
         url = deploy(batched, checkpoint)
         results["batched"] = bench_levels(url, cached, args)
-        results["first_vs_second"] = first_and_second(url, fresh, tokens)
+        if not args.batching_only:
+            results["first_vs_second"] = first_and_second(url, fresh, tokens)
         serve.shutdown()
-        results["in_process_p50_ms"] = round(
-            1000 * in_process_p50(batched, checkpoint, cached, args), 1
-        )
+        if not args.batching_only:
+            results["in_process_p50_ms"] = round(
+                1000 * in_process_p50(batched, checkpoint, cached, args), 1
+            )
         url = deploy(serve_config(backbones, videos, 1, 1, tokens), checkpoint)
         results["unbatched"] = bench_levels(url, cached, args)
         serve.shutdown()
-        url = deploy(serve_config(backbones, videos, 16, 2, tokens), checkpoint)
-        load(url, bodies_for(cached, len(cached), tokens), 1)
-        results["replica_kill"] = kill_during_load(url, cached, args)
+        if not args.batching_only:
+            url = deploy(serve_config(backbones, videos, 16, 2, tokens), checkpoint)
+            load(url, bodies_for(cached, len(cached), tokens), 1)
+            results["replica_kill"] = kill_during_load(url, cached, args)
     finally:
         serve.shutdown()
         ray.shutdown()
-    serve_c1 = results["batched"][0]["p50_ms"]
-    results["ratios"] = {
+    ratios = {
         "batched_over_unbatched_throughput_c16": round(
             results["batched"][2]["throughput_rps"] / results["unbatched"][2]["throughput_rps"], 2
-        ),
-        "serve_over_in_process_p50_c1": round(serve_c1 / results["in_process_p50_ms"], 2),
-        "second_over_first_question": results["first_vs_second"]["ratio"],
-        "second_over_first_featurize": results["first_vs_second"]["featurize_ratio"],
+        )
     }
+    if not args.batching_only:
+        ratios["serve_over_in_process_p50_c1"] = round(
+            results["batched"][0]["p50_ms"] / results["in_process_p50_ms"], 2
+        )
+        ratios["second_over_first_question"] = results["first_vs_second"]["ratio"]
+        ratios["second_over_first_featurize"] = results["first_vs_second"]["featurize_ratio"]
+    results["ratios"] = ratios
+    results["max_new_tokens"] = args.max_new_tokens
     Path(args.out).write_text(json.dumps(results, indent=2) + "\n")
     print(json.dumps(results, indent=2))
 
