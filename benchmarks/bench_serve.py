@@ -143,6 +143,29 @@ def in_process_p50(cfg, checkpoint: Path, videos: list[str], args) -> float:
     return percentile(latencies, 50)
 
 
+def in_process_batching(cfg, checkpoint: Path, videos: list[str], tokens: int) -> dict:
+    """One `generate` for 16 questions against one for 1: what @serve.batch can buy."""
+    from damo.serve.answer import Answerer, Question
+    from damo.serve.featurizer import Featurizer
+    from damo.serve.sources import VideoSource
+
+    featurizer = Featurizer(cfg)
+    answerer = Answerer(cfg, str(checkpoint))
+    rows = [featurizer.features(VideoSource(uri=v)) for v in videos]
+    out = {}
+    for size in (1, 16):
+        questions = [Question(rows[i % len(rows)], QUESTION, tokens) for i in range(size)]
+        answerer.answer_batch(questions)  # warm-up
+        times = []
+        for _ in range(5):
+            started = time.perf_counter()
+            answerer.answer_batch(questions)
+            times.append(time.perf_counter() - started)
+        out[f"batch_{size}_ms"] = round(1000 * statistics.median(times), 1)
+    out["throughput_ratio_16_over_1"] = round(16 * out["batch_1_ms"] / out["batch_16_ms"], 2)
+    return out
+
+
 def first_and_second(url: str, videos: list[str], tokens: int) -> dict:
     """Whole-request latency, and the featurize stage alone (decode + encode, or a cache hit)."""
     firsts, seconds, first_featurize, second_featurize = [], [], [], []
@@ -227,12 +250,22 @@ def main() -> None:
     parser.add_argument(
         "--batching-only", action="store_true", help="Only batched vs unbatched (parts 1)."
     )
+    parser.add_argument(
+        "--in-process-only", action="store_true", help="Only generate(16) vs generate(1)."
+    )
     parser.add_argument("--out", default="benchmarks/results_serve.json")
     args = parser.parse_args()
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     backbones, videos = prepare(args.clips)
     checkpoint = random_checkpoint(backbones)
     cached, fresh = videos[: len(videos) // 2], videos[len(videos) // 2 :]
+    if args.in_process_only:
+        cfg = serve_config(backbones, videos, 16, 1, args.max_new_tokens)
+        result = in_process_batching(cfg, checkpoint, cached, args.max_new_tokens)
+        result["max_new_tokens"] = args.max_new_tokens
+        Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
+        print(json.dumps(result, indent=2))
+        return
     ray.init(num_cpus=2, object_store_memory=256 * 2**20, include_dashboard=False)
     results: dict = {"machine": f"{os.cpu_count()} CPUs, shared with other jobs"}
     try:
