@@ -92,8 +92,9 @@ class ChatRequest(Lenient):
     model: str = Field(min_length=1, max_length=256)
     messages: list[ChatMessage] = Field(min_length=1, max_length=256)
     stream: bool = False
-    max_tokens: int | None = Field(default=None, ge=1, le=1024)
-    max_completion_tokens: int | None = Field(default=None, ge=1, le=1024)
+    # ceilings: above the service's limit (serve.limits.max_new_tokens) they are clamped to it
+    max_tokens: int | None = Field(default=None, ge=1)
+    max_completion_tokens: int | None = Field(default=None, ge=1)
     temperature: float | None = Field(
         default=None, ge=0, le=2, description="Accepted; decoding is always greedy."
     )
