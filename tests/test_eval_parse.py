@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from damo.eval.parse import Span, parse_span, parse_time
+from damo.eval.parse import Span, parse_span, parse_spans, parse_time
 
 
 @pytest.mark.parametrize(
@@ -66,3 +66,9 @@ def test_parses_what_the_records_write():
 
     for start, end in ((0.0, 2.5), (12.5, 20.0), (3.0, 29.5)):
         assert parse_span(f"It happens {fmt_span(start, end)}.", duration=30.0) == (start, end)
+
+
+def test_parse_spans_finds_every_range_in_order():
+    text = "a tone from 1.0 to 2.5 seconds, then between 3 and 4 s, and 0:05-0:07; 2 and 3"
+    assert parse_spans(text, duration=6.0) == [Span(1.0, 2.5), Span(3.0, 4.0), Span(5.0, 6.0)]
+    assert parse_spans("yes.") == [] and parse_spans(None) == []

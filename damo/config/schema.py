@@ -101,6 +101,7 @@ class RayConfig(Section):
 
 from damo.config.data import DataConfig  # noqa: E402  (data.py builds on Section above)
 from damo.config.model import ModelConfig  # noqa: E402  (model.py builds on Section above)
+from damo.config.serve import ServeConfig  # noqa: E402  (serve.py builds on Section above)
 from damo.config.train import TrainConfig  # noqa: E402  (train.py builds on Section above)
 
 
@@ -114,6 +115,7 @@ class DamoConfig(Section):
     data: DataConfig = DataConfig()
     model: ModelConfig = ModelConfig()
     train: TrainConfig = TrainConfig()
+    serve: ServeConfig = ServeConfig()
 
     @model_validator(mode="after")
     def _frames_agree(self) -> DamoConfig:

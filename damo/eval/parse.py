@@ -51,3 +51,19 @@ def parse_span(text: str | None, duration: float | None = None) -> Span | None:
         start, end = end, start
     upper = float("inf") if duration is None else float(duration)
     return Span(min(max(start, 0.0), upper), min(max(end, 0.0), upper))
+
+
+def parse_spans(text: str | None, duration: float | None = None) -> list[Span]:
+    """Every time range in `text`, left to right (an answer may name several)."""
+    spans: list[Span] = []
+    rest = text or ""
+    while rest:
+        matches = [m for m in (pattern.search(rest) for pattern in _SPANS) if m is not None]
+        if not matches:
+            break
+        match = min(matches, key=lambda m: m.start())
+        span = parse_span(match.group(0), duration)
+        if span is not None:
+            spans.append(span)
+        rest = rest[match.end() :]
+    return spans

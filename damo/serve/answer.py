@@ -1,0 +1,79 @@
+"""A DaMO checkpoint answering batches of (video features, question) pairs.
+
+The Serve deployment (damo.serve.app) wraps `Answerer.answer_batch` in `@serve.batch`, so
+concurrent requests share one `generate` call; benchmarks call it in-process to compare.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import numpy as np
+
+from damo.config import DamoConfig
+from damo.data.training import video_tensors
+from damo.eval.batch import load_model
+from damo.serve.featurizer import VideoFeaturesRow
+from damo.storage import Storage
+
+
+@dataclass
+class Question:
+    features: VideoFeaturesRow
+    prompt: str
+    max_new_tokens: int
+
+
+@dataclass
+class Answer:
+    text: str
+    prompt_tokens: int
+    completion_tokens: int
+    batch_size: int
+    generate_s: float
+
+
+class Answerer:
+    def __init__(self, cfg: DamoConfig, checkpoint_uri: str, num_threads: int = 1):
+        import torch
+
+        torch.set_num_threads(max(1, num_threads))
+        self.device = "cuda" if torch.cuda.is_available() else "cpu"
+        self.model = load_model(checkpoint_uri, Storage(cfg.storage.s3)).to(self.device)
+        self.tokenizer = self.model.tokenizer
+
+    def answer_batch(self, questions: list[Question]) -> list[Answer]:
+        """One greedy `generate` for the whole batch (left padding: shapes match per config)."""
+        from damo.model.video import VideoFeatures
+
+        started = time.perf_counter()
+        batch = {
+            name: np.stack([q.features.columns[name] for q in questions])
+            for name in questions[0].features.columns
+        }
+        video = VideoFeatures.from_batch(video_tensors(batch))
+        prompts = [q.prompt for q in questions]
+        texts = self.model.generate(
+            video, prompts, max_new_tokens=max(q.max_new_tokens for q in questions)
+        )
+        # a request that asked for fewer tokens than the batch's longest gets its own budget
+        texts = [self._truncate(t, q.max_new_tokens) for t, q in zip(texts, questions, strict=True)]
+        prompt_tokens = self.model.prompt_builder.prompts(prompts)["attention_mask"].sum(dim=1)
+        seconds = time.perf_counter() - started
+        return [
+            Answer(
+                text=text,
+                prompt_tokens=int(prompt_tokens[i]),
+                completion_tokens=len(self.tokenizer(text, add_special_tokens=False).input_ids),
+                batch_size=len(questions),
+                generate_s=seconds,
+            )
+            for i, text in enumerate(texts)
+        ]
+
+    def _truncate(self, text: str, max_tokens: int) -> str:
+        ids = self.tokenizer(text, add_special_tokens=False).input_ids
+        if len(ids) <= max_tokens:
+            return text
+        return self.tokenizer.decode(ids[:max_tokens], skip_special_tokens=True).strip()
