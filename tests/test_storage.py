@@ -405,3 +405,17 @@ def test_fetch_dir_lists_once_and_heads_nothing(s3_storage, tmp_path):
     local = s3_storage.fetch_dir(root + "/m", cache_root=tmp_path)
     assert sorted(p.name for p in local.glob("*.bin")) == [f"{i}.bin" for i in range(5)]
     assert heads[0] == 0
+
+
+def test_a_storage_error_survives_pickling():
+    """Ray ships a worker's exception to the driver by pickle."""
+    import pickle
+
+    error = StorageError("s3://b/k", Reason.NOT_FOUND, "no such key")
+    copy = pickle.loads(pickle.dumps(error))
+    assert (copy.uri, copy.reason, copy.detail, str(copy)) == (
+        error.uri,
+        error.reason,
+        error.detail,
+        str(error),
+    )

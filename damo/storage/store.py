@@ -51,6 +51,9 @@ class StorageError(Exception):
         self.detail = detail
         super().__init__(f"{uri}: {reason.value}: {detail}")
 
+    def __reduce__(self):  # a worker's error reaches the driver through pickle intact
+        return StorageError, (self.uri, self.reason, self.detail)
+
 
 @dataclass(frozen=True)
 class Location:
