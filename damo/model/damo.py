@@ -11,6 +11,7 @@ Batches are dicts of tensors:
 from __future__ import annotations
 
 from contextlib import nullcontext
+from dataclasses import replace
 
 import torch
 from torch import Tensor, nn
@@ -173,6 +174,8 @@ class DamoModel(nn.Module):
     def forward(self, batch: dict[str, Tensor], stage: int) -> dict[str, Tensor]:
         """The losses of stage `stage` for one batch; `loss` is what to minimise."""
         video = VideoFeatures.from_batch(batch)
+        if self.training and self.cfg.drop_audio_prob > 0:
+            video = drop_audio(video, self.cfg.drop_audio_prob)
         if self.cfg.stages.get(stage).objective == "alignment":
             return self.alignment_losses(
                 video, batch["text_input_ids"], batch["text_attention_mask"]
@@ -288,6 +291,12 @@ class DamoModel(nn.Module):
         )  # (B, new tokens): with inputs_embeds only the continuation comes back
         texts = self.tokenizer.batch_decode(output, skip_special_tokens=True)
         return [text.strip() for text in texts]
+
+
+def drop_audio(video: VideoFeatures, prob: float) -> VideoFeatures:
+    """Mask out each sample's whole audio with probability `prob` (training only)."""
+    heard = torch.rand(video.audio_mask.shape[0], device=video.audio_mask.device) >= prob  # (B,)
+    return replace(video, audio_mask=video.audio_mask & heard[:, None])
 
 
 def random_video(

@@ -1,0 +1,78 @@
+"""The model's known defects stay fixed: 2-D spatial pooling, masked missing audio, audio drop."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from damo.config import load_config
+from damo.config.model import ResidualConfig
+from damo.model.damo import DamoModel, drop_audio, random_video
+from damo.model.video import GlobalResidual
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
+
+def test_spatial_pooling_keeps_left_and_right_apart():
+    """Each pooled token reads only its own block of the patch grid: a patch in the top-right
+    quadrant moves the top-right token alone (a 1-D pool over the row-major sequence would
+    average the top row's left and right halves into one token)."""
+    torch.manual_seed(0)
+    residual = GlobalResidual(8, 8, (2, 2), 2, grid=(4, 4)).eval()
+    local = torch.randn(1, 1, 16, 8)  # (B, T, P, Din), P = 4 x 4 row-major
+    global_ = torch.randn(1, 1, 8)
+    base = residual(local, global_)  # (1, 1, 4, 8)
+    for row, col in [(0, 3), (0, 0), (3, 1), (2, 2)]:
+        moved = local.clone()
+        moved[0, 0, row * 4 + col] += 5.0 * torch.randn(8)  # not constant: LayerNorm
+        changed = (residual(moved, global_) - base).abs().sum(-1)[0, 0] > 1e-6  # (4,)
+        quadrant = (row // 2) * 2 + col // 2
+        assert changed.tolist() == [i == quadrant for i in range(4)], (row, col)
+
+
+def test_pool_grid_comes_from_config():
+    assert ResidualConfig(visual_grid=(2, 3)).visual_pool_grid(4, 4) == (2, 3)
+    # derived: the paper's 16x16 patches at compression 8 -> 32 tokens, the squarest grid
+    assert ResidualConfig(visual_compression=8).visual_pool_grid(16, 16) == (4, 8)
+    assert ResidualConfig(visual_compression=4).visual_pool_grid(4, 4) == (2, 2)
+    with pytest.raises(ValueError, match="does not fit"):
+        ResidualConfig(visual_grid=(5, 1)).visual_pool_grid(4, 4)
+    tiny = load_config("tiny").model
+    model = DamoModel.from_config(tiny, pretrained=False)
+    video = random_video(tiny, 2)
+    pooled = model.pathway.visual_residual(video.visual[:, :, 1:], video.visual[:, :, 0])
+    assert pooled.shape[2] == 4  # (B, T, 2 x 2, D)
+
+
+def test_a_video_without_audio_is_seen_through_its_frames_alone():
+    """With its audio masked, no audio value reaches the soft prompt, at any layer; the other
+    videos of the batch keep hearing theirs."""
+    cfg = load_config("tiny").model
+    torch.manual_seed(0)
+    model = DamoModel.from_config(cfg, pretrained=False).eval()
+    video = random_video(cfg, 3, generator=torch.Generator().manual_seed(1))
+    video.audio_mask[0] = False
+    before = model.pathway(video)
+    video.audio[0] = torch.randn_like(video.audio[0]) * 3  # other sounds, still masked
+    after = model.pathway(video)
+    torch.testing.assert_close(before[0], after[0])
+    video.audio[1] = torch.randn_like(video.audio[1]) * 3  # a heard video hears the change
+    assert not torch.allclose(model.pathway(video)[1], before[1])
+
+
+def test_drop_audio_masks_whole_tracks_in_training_only():
+    cfg = load_config("tiny", ["model.drop_audio_prob=0.25"]).model
+    video = random_video(cfg, 4000, generator=torch.Generator().manual_seed(0))
+    dropped = drop_audio(video, 0.25)
+    silent = ~dropped.audio_mask.any(dim=1)
+    assert 0.22 < silent.float().mean() < 0.28
+    assert (dropped.audio_mask.all(dim=1) | silent).all()  # a track goes whole or not at all
+    torch.manual_seed(0)
+    model = DamoModel.from_config(cfg, pretrained=False).eval()
+    batch = random_video(cfg, 4).as_batch()
+    batch["text_input_ids"] = torch.randint(5, 100, (4, 12))
+    batch["text_attention_mask"] = torch.ones(4, 12, dtype=torch.long)
+    torch.manual_seed(1)
+    first = model(batch, 1)["vtc"]
+    torch.manual_seed(2)  # evaluation never drops: another random state, the same loss
+    assert model(batch, 1)["vtc"] == first
