@@ -76,3 +76,42 @@ def test_drop_audio_masks_whole_tracks_in_training_only():
     first = model(batch, 1)["vtc"]
     torch.manual_seed(2)  # evaluation never drops: another random state, the same loss
     assert model(batch, 1)["vtc"] == first
+
+
+def test_the_tiny_limits_hold_every_caption_of_a_big_world(tiny_backbones):
+    """The limits are sized from the data: no caption of a 600-clip world is cut (with 32
+    tokens, 43% were)."""
+    from transformers import AutoTokenizer
+
+    from damo.data.synthetic import _caption, sample_clip
+
+    cfg = load_config("tiny")
+    world = cfg.data.synthetic
+    tokenizer = AutoTokenizer.from_pretrained(tiny_backbones / "text_encoder")
+    captions = [
+        _caption(sample_clip(0, i, world.min_duration_s, world.max_duration_s, world.max_events))
+        for i in range(600)
+    ]
+    longest = max(len(ids) for ids in tokenizer(captions)["input_ids"])
+    limit = min(cfg.model.text_encoder.max_length, cfg.model.heads.vtg_max_length + 1)
+    assert 32 < longest <= limit
+
+
+def test_cut_captions_warn_and_cached_text_states_match(tiny_backbones):
+    from damo.model.damo import CaptionTruncated
+
+    cfg = load_config("tiny", ["model.text_encoder.cache_size=3"]).model
+    model = DamoModel.from_config(cfg.with_backbones_at(str(tiny_backbones))).eval()
+    short, long = "a red square appears.", " ".join(["a red square appears."] * 30)
+    with pytest.warns(CaptionTruncated, match="max_length"):
+        model.tokenize_text([short, long])
+    texts = ["a red square appears.", "a low tone is heard from 1.0 to 3.5 seconds.", short]
+    inputs = model.tokenize_text(texts)
+    ids, mask = inputs["text_input_ids"], inputs["text_attention_mask"]
+    fresh = model.encode_text_tokens(ids, mask)
+    first = model.text_states(ids, mask)  # fills the cache
+    again = model.text_states(ids[[1, 0]], mask[[1, 0]])  # read back, in another batch shape
+    real = mask.bool()[..., None]
+    torch.testing.assert_close(first * real, fresh * real, atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(again[0, : mask[1].sum()], fresh[1, : mask[1].sum()])
+    assert len(model.text_cache) == 2  # the same caption twice is one entry

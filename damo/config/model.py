@@ -96,7 +96,15 @@ class TextEncoderConfig(BackboneConfig):
             "vocab_size": 30522,
         }
     )
-    max_length: int = Field(default=64, ge=4)
+    max_length: int = Field(
+        default=64, ge=4, description="Caption tokens kept (a warning says when one is cut)."
+    )
+    cache_size: int = Field(
+        default=0,
+        ge=0,
+        description="Captions whose frozen encoder outputs are kept for reuse across epochs "
+        "(least recently used go first); 0: no cache.",
+    )
 
 
 class LoraConfig(Section):

@@ -10,6 +10,8 @@ Batches are dicts of tensors:
 
 from __future__ import annotations
 
+import warnings
+from collections import OrderedDict
 from contextlib import nullcontext
 from dataclasses import replace
 
@@ -40,6 +42,10 @@ COMPONENT_MODULES: dict[str, tuple[str, ...]] = {
 }
 # The weights DaMO owns (saved in checkpoints); the backbones are referenced by path.
 OWNED_PREFIXES = ("pathway.", "heads.")
+
+
+class CaptionTruncated(UserWarning):
+    """Captions longer than the model's text limits lose their ends."""
 
 
 class DamoModel(nn.Module):
@@ -83,6 +89,7 @@ class DamoModel(nn.Module):
             cfg.heads,
         )
         self.text_encoder = freeze(text_encoder)
+        self.text_cache: OrderedDict[bytes, Tensor] = OrderedDict()  # caption tokens -> states
         self.tokenizer = tokenizer
         self.text_tokenizer = text_tokenizer
         if tokenizer is not None:
@@ -187,6 +194,29 @@ class DamoModel(nn.Module):
         return self.pathway(video)  # (B, K, H)
 
     def text_states(self, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
+        """(B, S, Dt) frozen text-encoder states; positions past a caption's end are zeros
+        when they come from the cache (every head masks them)."""
+        if not self.cfg.text_encoder.cache_size:
+            return self.encode_text_tokens(input_ids, attention_mask)
+        # The encoder is frozen, so a caption's states never change: stage 1 reads each
+        # caption once per epoch, and the encoder was a quarter of a tiny stage-1 step.
+        lengths = attention_mask.sum(dim=1).tolist()
+        keys = [bytes(row[:n].cpu().numpy()) for row, n in zip(input_ids, lengths, strict=True)]
+        missing = [i for i, key in enumerate(keys) if key not in self.text_cache]
+        if missing:
+            index = torch.tensor(missing, device=input_ids.device)
+            fresh = self.encode_text_tokens(input_ids[index], attention_mask[index])
+            for row, i in enumerate(missing):
+                self.text_cache[keys[i]] = fresh[row, : lengths[i]]
+        for key in keys:
+            self.text_cache.move_to_end(key)
+        while len(self.text_cache) > self.cfg.text_encoder.cache_size:
+            self.text_cache.popitem(last=False)
+        states = [self.text_cache[key] for key in keys]
+        padded = nn.utils.rnn.pad_sequence(states, batch_first=True)  # (B, max len, Dt)
+        return nn.functional.pad(padded, (0, 0, 0, input_ids.shape[1] - padded.shape[1]))
+
+    def encode_text_tokens(self, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
         with torch.no_grad():
             return self.text_encoder(
                 input_ids=input_ids, attention_mask=attention_mask
@@ -239,6 +269,16 @@ class DamoModel(nn.Module):
         if self.text_tokenizer is None:
             raise RuntimeError("no text tokenizer: build the model with pretrained=True")
         max_length = min(self.cfg.text_encoder.max_length, self.cfg.heads.vtg_max_length + 1)
+        lengths = [len(ids) for ids in self.text_tokenizer(texts)["input_ids"]]
+        if max(lengths, default=0) > max_length:
+            warnings.warn(
+                # one message per limit, so the warning shows once, not once per batch
+                f"captions longer than the {max_length} tokens the text encoder and VTG keep "
+                "lose their ends; raise model.text_encoder.max_length and "
+                "model.heads.vtg_max_length",
+                CaptionTruncated,
+                stacklevel=2,
+            )
         encoded = self.text_tokenizer(
             texts, padding=True, truncation=True, max_length=max_length, return_tensors="pt"
         )
