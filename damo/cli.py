@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import functools
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, get_args
 
 import typer
 from rich.console import Console
@@ -493,21 +493,31 @@ def eval_run(
     max_new_tokens: Annotated[int, typer.Option(min=1)] = 24,
     batch_size: Annotated[int, typer.Option(min=1)] = 8,
     actors: Annotated[int, typer.Option(min=1, help="Model replicas answering in parallel.")] = 1,
-    zero_audio: Annotated[
-        bool, typer.Option(help="Ablation: zero the audio features at inference.")
-    ] = False,
+    audio: Annotated[
+        str,
+        typer.Option(
+            help="Audio ablation at inference: as_is, swap (each video hears another's), "
+            "mask (no audio) or zero (zero features, mask says present)."
+        ),
+    ] = "as_is",
 ) -> None:
     """Answer every grounding/QA record of a split with greedy decoding; score and report."""
     from damo.data.extract import connect_ray
-    from damo.eval.batch import EvalSettings, evaluate_checkpoint
+    from damo.eval.batch import AudioAblation, EvalSettings, evaluate_checkpoint
     from damo.eval.report import metrics_table
     from damo.storage import join
 
     cfg = load_config(config, overrides or [])
     records_uri = join(records or cfg.train.data.records, f"{split}.parquet")
     connect_ray(cfg)
+    if audio not in get_args(AudioAblation):
+        err_console.print(
+            f"[bold red]error:[/] --audio {escape(audio)}: expected one of "
+            + ", ".join(get_args(AudioAblation))
+        )
+        raise typer.Exit(code=2)
     settings = EvalSettings(
-        max_new_tokens=max_new_tokens, batch_size=batch_size, actors=actors, zero_audio=zero_audio
+        max_new_tokens=max_new_tokens, batch_size=batch_size, actors=actors, audio=audio
     )
     result = evaluate_checkpoint(
         cfg, checkpoint, features or cfg.train.data.features, records_uri, out, settings

@@ -115,3 +115,47 @@ def test_cut_captions_warn_and_cached_text_states_match(tiny_backbones):
     torch.testing.assert_close(first * real, fresh * real, atol=1e-5, rtol=1e-4)
     torch.testing.assert_close(again[0, : mask[1].sum()], fresh[1, : mask[1].sum()])
     assert len(model.text_cache) == 2  # the same caption twice is one entry
+
+
+def test_two_loads_answer_bit_identically_when_the_llm_lacks_placeholder_rows(
+    tiny_backbones, tmp_path
+):
+    """The paper preset's tokenizer lacks `<video>`, so loading grows the LLM's vocabulary.
+    The new rows must not be random: two loads of one checkpoint give the same logits and
+    the same greedy answers, and `<video>` is never generated."""
+    from transformers import AutoModel, AutoModelForCausalLM, AutoTokenizer
+
+    from damo.model.checkpoint import load_weights, save_checkpoint
+
+    cfg = load_config("tiny").model.with_backbones_at(str(tiny_backbones))
+
+    def load(seed: int) -> DamoModel:
+        torch.manual_seed(seed)
+        tokenizer = AutoTokenizer.from_pretrained(tiny_backbones / "llm")
+        llm = AutoModelForCausalLM.from_pretrained(tiny_backbones / "llm")
+        spare = llm.get_input_embeddings().num_embeddings - len(tokenizer)
+        tokenizer.add_tokens([f"<extra{i}>" for i in range(spare + 3)])  # past the table
+        model = DamoModel(
+            cfg,
+            llm,
+            AutoModel.from_pretrained(tiny_backbones / "text_encoder"),
+            tokenizer,
+            AutoTokenizer.from_pretrained(tiny_backbones / "text_encoder"),
+        )
+        assert model.llm.get_input_embeddings().num_embeddings == len(tokenizer)
+        return model.eval()
+
+    first = load(0)
+    save_checkpoint(first, tmp_path / "ckpt")
+    second = load_weights(load(1), tmp_path / "ckpt").eval()
+    video = random_video(cfg, 2, generator=torch.Generator().manual_seed(3))
+    prompts = ["when does the red square appear?", "what colour is the circle?"]
+    inputs = first.prompt_builder.prompts(prompts)
+    logits = [
+        m.llm(inputs_embeds=m.llm_inputs(video, inputs["input_ids"])).logits
+        for m in (first, second)
+    ]
+    assert torch.equal(logits[0], logits[1])
+    answers = first.generate(video, prompts, max_new_tokens=12)
+    assert answers == second.generate(video, prompts, max_new_tokens=12)
+    assert not any(cfg.llm.video_token in a for a in answers)

@@ -96,7 +96,7 @@ class DamoModel(nn.Module):
             if cfg.llm.video_token not in tokenizer.get_vocab():
                 tokenizer.add_special_tokens({"additional_special_tokens": [cfg.llm.video_token]})
             if len(tokenizer) > llm.get_input_embeddings().num_embeddings:
-                llm.resize_token_embeddings(len(tokenizer))
+                grow_vocabulary(llm, len(tokenizer))
             self.video_token_id = tokenizer.convert_tokens_to_ids(cfg.llm.video_token)
             self.prompt_builder = PromptBuilder(tokenizer, cfg.llm.video_token, cfg.bridge.queries)
         else:
@@ -327,10 +327,29 @@ class DamoModel(nn.Module):
             do_sample=not greedy,
             pad_token_id=self.prompt_builder.pad_token_id,
             eos_token_id=self.tokenizer.eos_token_id,
+            # `<video>` is an input placeholder, never an answer
+            suppress_tokens=[self.video_token_id],
             **generate_kwargs,
         )  # (B, new tokens): with inputs_embeds only the continuation comes back
         texts = self.tokenizer.batch_decode(output, skip_special_tokens=True)
         return [text.strip() for text in texts]
+
+
+def grow_vocabulary(llm: nn.Module, size: int) -> None:
+    """Add rows for tokens the LLM lacks (the paper preset's `<video>`), the same on every load.
+
+    A random new row would differ between loads, and the checkpoint does not store backbone
+    weights: the input row is always overwritten by the soft prompt, but an untied output row
+    would move every logit's softmax and could even be generated. Each new row is the mean of
+    the existing ones, so two loads of a checkpoint answer bit-identically.
+    """
+    old = llm.get_input_embeddings().num_embeddings
+    llm.resize_token_embeddings(size, mean_resizing=False)
+    with torch.no_grad():
+        tables = {id(t): t for t in (llm.get_input_embeddings(), llm.get_output_embeddings())}
+        for table in tables.values():
+            if table is not None and table.weight.device.type != "meta":
+                table.weight[old:] = table.weight[:old].mean(dim=0)
 
 
 def drop_audio(video: VideoFeatures, prob: float) -> VideoFeatures:
