@@ -159,3 +159,22 @@ def test_two_loads_answer_bit_identically_when_the_llm_lacks_placeholder_rows(
     answers = first.generate(video, prompts, max_new_tokens=12)
     assert answers == second.generate(video, prompts, max_new_tokens=12)
     assert not any(cfg.llm.video_token in a for a in answers)
+
+
+def test_the_paper_preset_hears_8_windows_of_up_to_30_s_spread_over_the_video():
+    import numpy as np
+
+    from damo.media.decode import cut_segments, segment_bounds, segment_samples
+
+    cfg = load_config("paper")
+    audio, rate = cfg.model.audio, cfg.data.decode.sample_rate
+    assert cfg.data.decode.num_segments == cfg.model.audio_segments == 8
+    assert audio.tokens_per_segment == 1500  # Whisper's whole 30 s window is kept
+    for duration, heard in [(60.0, 7.5), (240.0, 30.0), (600.0, 30.0)]:
+        bounds = segment_bounds(duration, 8)
+        assert segment_samples(bounds, rate, audio.segment_seconds) == int(heard * rate)
+        track = np.arange(int(duration * rate), dtype=np.float32)
+        windows = cut_segments(track, bounds, rate, audio.segment_seconds)
+        centres = windows.mean(axis=1) / rate  # a ramp's mean is its window's centre
+        np.testing.assert_allclose(centres, bounds.mean(axis=1), atol=0.01)
+    assert "max_segment_seconds" not in cfg.data.decode.model_dump()  # no dead knob

@@ -63,7 +63,11 @@ class AudioEncoderConfig(BackboneConfig):
         }
     )
     segment_seconds: float = Field(
-        default=2.0, gt=0, description="(default) audio per segment, centred on its timestamp."
+        default=30.0,
+        gt=0,
+        description="(paper) the most audio a segment keeps, centred on its timestamp: the "
+        "segments split the video evenly, each keeping min(its length, this); 30 s is "
+        "Whisper's window. Extraction and the encoder's kept tokens both follow it.",
     )
     sample_rate: int = 16000
 
@@ -154,7 +158,7 @@ class ResidualConfig(Section):
         "None: the grid of P / visual_compression tokens closest in shape to the patch grid.",
     )
     audio_compression: int = Field(
-        default=4, ge=1, description="Audio tokens per segment / L' (100 -> 25)."
+        default=60, ge=1, description="Audio tokens per segment / L' (1500 -> 25)."
     )
     ffn_mult: int = Field(default=2, ge=1)
 
