@@ -178,3 +178,20 @@ def test_the_paper_preset_hears_8_windows_of_up_to_30_s_spread_over_the_video():
         centres = windows.mean(axis=1) / rate  # a ramp's mean is its window's centre
         np.testing.assert_allclose(centres, bounds.mean(axis=1), atol=0.01)
     assert "max_segment_seconds" not in cfg.data.decode.model_dump()  # no dead knob
+
+
+def test_parameter_groups_scale_each_component_and_cover_the_stage():
+    cfg = load_config("tiny", ["model.stages.stage3.trainable=[fuseformer,bridge,lora]"])
+    scale = cfg.model_copy(deep=True)
+    scale.train.stages.stage3.optimizer.lr_scale = {"fuseformer": 0.1}
+    model = DamoModel.from_config(cfg.model, pretrained=False)
+    trainable = model.set_stage(3)
+    groups = model.parameter_groups(3, 1e-3, scale.train.stages.stage3.optimizer.lr_scale)
+    assert sorted(id(p) for g in groups for p in g["params"]) == sorted(id(p) for p in trainable)
+    names = {id(p): n for n, p in model.named_parameters()}
+    for group in groups:
+        fuse = {names[id(p)].startswith("pathway.fuseformer.") for p in group["params"]}
+        assert len(fuse) == 1  # one component per group
+        assert group["lr"] == pytest.approx(1e-4 if fuse.pop() else 1e-3)
+    with pytest.raises(ValueError):
+        load_config("tiny", ["train.stages.stage3.optimizer.lr_scale={fusefomer: 0.1}"])

@@ -172,6 +172,18 @@ class DamoModel(nn.Module):
             param.requires_grad_(name in trainable)
         return list(trainable.values())
 
+    def parameter_groups(self, stage: int, lr: float, lr_scale: dict[str, float]) -> list[dict]:
+        """Optimizer parameter groups for stage `stage`: one per trainable component, each at
+        lr x its scale (`train.stages.stageK.optimizer.lr_scale`). Call after `set_stage`."""
+        trainable = self.trainable_named_parameters(stage)
+        groups = []
+        for component in self.cfg.stages.get(stage).trainable:
+            names = [n for n in self.component_parameters(component) if n in trainable]
+            if names:
+                scale = lr_scale.get(component, 1.0)
+                groups.append({"params": [trainable[n] for n in names], "lr": lr * scale})
+        return groups
+
     def train(self, mode: bool = True) -> DamoModel:
         super().train(mode)
         self.text_encoder.eval()  # frozen: never dropout
