@@ -56,7 +56,12 @@ def test_evaluate_a_split(audio, checkpoint, tiny_backbones, tiny_world, tiny_fe
     assert saved["run"]["audio"] == audio
     types = {k for k in metrics["qa"]["model"] if k.startswith("accuracy/")}
     assert types and types <= {f"accuracy/{t}" for t in QUESTION_TYPES}
-    assert {"event_accuracy", "span_mIoU", "joint_accuracy"} <= set(metrics["temporal_qa"]["model"])
+    if tasks["temporal_qa"]:  # a small world may have no event after another
+        assert {"event_accuracy", "span_mIoU", "joint_accuracy"} <= set(
+            metrics["temporal_qa"]["model"]
+        )
+    else:
+        assert "temporal_qa" not in metrics
     assert saved["run"]["frames"] == cfg.data.decode.num_frames == 16
     assert saved["run"]["audio_segments"] == cfg.data.decode.num_segments == 16
     assert saved["run"]["decoding"]["greedy"] is True
