@@ -2,18 +2,27 @@
 
 Everything goes through the platform's own path, as `make demo` does, only bigger:
   embedded S3 server -> tiny backbones -> synthetic world (--clips) -> Ray Data extraction
-  -> the 4-stage Ray Train run -> Ray Data batch evaluation on the held-out test split.
+  -> the 4-stage Ray Train run -> Ray Data batch evaluation on a held-out world.
 Then the ablations, each evaluated the same way:
-  - audio zeroed at inference (the 4-stage checkpoint; proof that the audio stream is used);
+  - audio swapped at inference: each test video hears the audio of the test video nearest in
+    duration (does the model use the sound of *this* clip?);
+  - audio masked at inference (the model was trained with `model.drop_audio_prob` of its
+    videos silent, so this is a case it knows);
   - stage 3 skipped (stage 4 trained from the stage-2 checkpoint; the paper's Table 5);
   - stage 4 skipped (the 4-stage run's stage-3 checkpoint);
-  - stage-1 text->video retrieval (the stage-1 checkpoint, every test video a candidate).
+  - stage-1 text->video retrieval (the stage-1 checkpoint, every test video of the training
+    world a candidate).
 Every number sits beside its chance baselines (whole-clip span, random span, majority answer,
-random ranking). Results go to benchmarks/results_learning_bar.json and, as Markdown, to stdout.
+random ranking). With --seeds the training runs once per seed (same world, same backbones) and
+every number is the mean and standard deviation over seeds.
 
-The training budget is RECIPE below (dotted overrides of the tiny preset) plus --clips and
---lm-steps; on 2 cores the default run takes about 30 minutes. Re-running with the same
-arguments resumes: clips, features, backbones and finished stages are kept in --cache.
+The test set is a held-out world (--test-clips clips of another world seed, never trained on,
+not even its text in the tiny LLM's pre-training): big enough that a bar number moves by less
+than about 3 points between test sets (the split sizes are printed and stored).
+
+The training budget is the tiny preset's recipe plus BUDGET below and --clips / --lm-steps.
+Re-running with the same arguments resumes: clips, features, backbones and finished stages are
+kept in --cache. Results go to benchmarks/results_learning_bar.json and, as Markdown, to stdout.
 """
 
 from __future__ import annotations
@@ -22,30 +31,20 @@ import argparse
 import json
 import os
 import time
+from functools import partial
 from pathlib import Path
 
+import numpy as np
 from rich.console import Console
 
-# The training budget and the tiny recipe (benchmarks/README.md, section 5). Stage sizes are
-# epochs over the train split (600 clips: 480 captions, ~4,000 QA, ~4,900 stage-3 rows).
-# Two departures from the paper's recipe, both measured (README): the LM stages leave the video
-# pathway alone (stage 2 trains only the bridge, stages 3-4 only the LoRA adapter), because a
-# 2-layer LLM that cannot yet read its soft prompt pulls every trainable pathway weight towards
-# a constant prompt (the video collapses to its average and the answers become the prior); and
-# the adapter covers every linear layer at rank 32, since the tiny LLM is only 128 wide.
-RECIPE = [
+# The training budget (epochs over the train split of a 600-clip world: 480 captions, ~4,000
+# QA, ~4,900 stage-3 rows, ~9,400 stage-4 rows). The recipe itself (what each stage trains, at
+# which learning rate) is the tiny preset's (damo/config/named/tiny.yaml).
+BUDGET = [
     "train.stages.stage1.epochs=20",
-    "train.stages.stage1.optimizer.lr=3e-4",
     "train.stages.stage2.epochs=1",
-    "model.stages.stage2.trainable=[bridge]",
     "train.stages.stage3.epochs=5",
-    "train.stages.stage3.optimizer.lr=1e-3",
-    "model.stages.stage3.trainable=[lora]",
-    "train.stages.stage4.epochs=2",
-    "model.stages.stage4.trainable=[lora]",
-    "model.llm.lora.r=32",
-    "model.llm.lora.alpha=64",
-    "model.llm.lora.target_modules=[q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj]",
+    "train.stages.stage4.epochs=1",
     "train.scaling.num_workers=1",
     "ray.num_cpus=2",
 ]
@@ -55,6 +54,23 @@ BARS = {  # metric path in the 4-stage metrics, threshold (higher is better)
     "audio-only R1@0.5": (("grounding", "model/audio_only", "R1@0.5"), 40.0),
     "QA accuracy": (("qa", "model", "accuracy"), 80.0),
 }
+# variant -> (checkpoint key, audio ablation at inference)
+VARIANTS = {
+    "4 stages": ("full", "as_is"),
+    "4 stages, audio swapped": ("full", "swap"),
+    "4 stages, audio masked": ("full", "mask"),
+    "stage 3 skipped (1, 2, 4)": ("skip3", "as_is"),
+    "stage 4 skipped (1, 2, 3)": ("stage3", "as_is"),
+}
+COLUMNS = [
+    ("grounding mIoU", ("grounding", "{v}", "mIoU")),
+    ("grounding R1@0.5", ("grounding", "{v}", "R1@0.5")),
+    ("audio-only R1@0.5", ("grounding", "{v}/audio_only", "R1@0.5")),
+    ("visual-only R1@0.5", ("grounding", "{v}/visual_only", "R1@0.5")),
+    ("QA acc.", ("qa", "{v}", "accuracy")),
+    ("temporal QA event", ("temporal_qa", "{v}", "event_accuracy")),
+    ("temporal QA span mIoU", ("temporal_qa", "{v}", "span_mIoU")),
+]
 
 
 def dig(metrics: dict, path: tuple[str, ...]):
@@ -66,44 +82,65 @@ def dig(metrics: dict, path: tuple[str, ...]):
 
 
 def fmt(value) -> str:
+    if isinstance(value, dict):  # mean and std over seeds
+        if value.get("mean") is None:
+            return "-"
+        return f"{value['mean']:.1f} ± {value['std']:.1f}" if value["n"] > 1 else fmt(value["mean"])
     return "-" if value is None else f"{value:.1f}"
 
 
+def over_seeds(values: list) -> dict:
+    present = [v for v in values if v is not None]
+    if not present:
+        return {"mean": None, "std": None, "n": 0}
+    return {"mean": float(np.mean(present)), "std": float(np.std(present)), "n": len(present)}
+
+
+def seed_stat(per_seed: list[dict], path: tuple[str, ...]) -> dict:
+    return over_seeds([dig(metrics, path) for metrics in per_seed])
+
+
 def markdown(results: dict) -> str:
-    """The README table: one row per variant, baselines in their own rows."""
-    columns = [
-        ("grounding mIoU", ("grounding", "{v}", "mIoU")),
-        ("grounding R1@0.5", ("grounding", "{v}", "R1@0.5")),
-        ("audio-only R1@0.5", ("grounding", "{v}/audio_only", "R1@0.5")),
-        ("visual-only R1@0.5", ("grounding", "{v}/visual_only", "R1@0.5")),
-        ("QA acc.", ("qa", "{v}", "accuracy")),
-        ("temporal QA acc.", ("temporal_qa", "{v}", "accuracy")),
-    ]
+    """The README tables: one row per variant, baselines in their own rows, mean ± std."""
     lines = [
-        "| variant | " + " | ".join(name for name, _ in columns) + " |",
-        "|---|" + "---|" * len(columns),
+        "| variant | " + " | ".join(name for name, _ in COLUMNS) + " |",
+        "|---|" + "---|" * len(COLUMNS),
     ]
-    first = next(iter(results["variants"].values()))["metrics"]
-    for name, variant in results["variants"].items():
+    seeds = results["seeds"]
+    for name in VARIANTS:
+        per_seed = [results["per_seed"][str(seed)]["variants"][name]["metrics"] for seed in seeds]
         cells = [
-            fmt(dig(variant["metrics"], tuple(p.format(v="model") for p in path)))
-            for _, path in columns
+            fmt(seed_stat(per_seed, tuple(p.format(v="model") for p in path)))
+            for _, path in COLUMNS
         ]
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    first = results["per_seed"][str(seeds[0])]["variants"]["4 stages"]["metrics"]
     for baseline, key in (
         ("chance: whole-clip span", "baseline_whole_clip"),
         ("chance: random span", "baseline_random_span"),
         ("chance: majority answer", "baseline_majority_answer"),
+        ("chance: majority event, whole clip", "baseline_majority_event_whole_clip"),
     ):
-        cells = [fmt(dig(first, tuple(p.format(v=key) for p in path))) for _, path in columns]
+        cells = [fmt(dig(first, tuple(p.format(v=key) for p in path))) for _, path in COLUMNS]
         lines.append(f"| {baseline} | " + " | ".join(cells) + " |")
-    retrieval = results["stage1_retrieval"]
+    per_type = sorted(k for k in first["qa"]["model"] if k.startswith("accuracy/"))
+    per_seed = [results["per_seed"][str(s)]["variants"]["4 stages"]["metrics"] for s in seeds]
+    lines += ["", "| QA question type | 4 stages | majority answer |", "|---|---|---|"]
+    for key in per_type:
+        model = seed_stat(per_seed, ("qa", "model", key))
+        base = dig(first, ("qa", "baseline_majority_answer", key))
+        lines.append(f"| {key.split('/', 1)[1]} | {fmt(model)} | {fmt(base)} |")
+    retrieval = [results["per_seed"][str(s)]["stage1_retrieval"] for s in seeds]
+    candidates = retrieval[0]["model"]["candidates"]
     lines += [
         "",
-        f"Stage-1 text->video retrieval among {retrieval['model']['candidates']} test videos: "
-        f"R@1 {retrieval['model']['R@1']:.1f}, R@5 {retrieval['model']['R@5']:.1f}, "
-        f"median rank {retrieval['model']['median_rank']:.1f} "
-        f"(random ranking: R@1 {retrieval['baseline_random']['R@1']:.1f}).",
+        f"Stage-1 text->video retrieval among {candidates} test videos: "
+        f"R@1 {fmt(over_seeds([r['model']['R@1'] for r in retrieval]))}, "
+        f"R@5 {fmt(over_seeds([r['model']['R@5'] for r in retrieval]))}, "
+        f"median rank {fmt(over_seeds([r['model']['median_rank'] for r in retrieval]))} "
+        f"(random ranking: R@1 {retrieval[0]['baseline_random']['R@1']:.1f}).",
+        "",
+        f"Test set: {results['test_set']}.",
     ]
     return "\n".join(lines)
 
@@ -114,30 +151,44 @@ def stage_summary(manifest: dict) -> dict[str, dict]:
 
 
 def bars(results: dict) -> dict[str, dict]:
-    """Each bar of the issue: the measured value, the threshold and whether it holds."""
-    full = results["variants"]["4 stages"]["metrics"]
+    """Each bar of the issue, on the mean over seeds: the value, the threshold, whether met."""
+    seeds = results["seeds"]
+
+    def variant(name: str) -> list[dict]:
+        return [results["per_seed"][str(s)]["variants"][name]["metrics"] for s in seeds]
+
     out = {
-        name: {"value": dig(full, path), "threshold": threshold, "lower_is_better": False}
+        name: {
+            "value": seed_stat(variant("4 stages"), path),
+            "threshold": threshold,
+            "lower_is_better": False,
+        }
         for name, (path, threshold) in BARS.items()
     }
-    zeroed = dig(
-        results["variants"]["4 stages, audio zeroed"]["metrics"],
-        ("grounding", "model/audio_only", "R1@0.5"),
-    )
-    audio = out["audio-only R1@0.5"]["value"]
-    out["audio-only R1@0.5 with audio zeroed <= half"] = {
-        "value": zeroed,
-        "threshold": None if audio is None else audio / 2,
-        "lower_is_better": True,
-    }
-    retrieval = results["stage1_retrieval"]["model"]
+    audio = out["audio-only R1@0.5"]["value"]["mean"]
+    for ablation in ("swapped", "masked"):
+        value = seed_stat(
+            variant(f"4 stages, audio {ablation}"), ("grounding", "model/audio_only", "R1@0.5")
+        )
+        out[f"audio-only R1@0.5 with audio {ablation} <= half"] = {
+            "value": value,
+            "threshold": None if audio is None else audio / 2,
+            "lower_is_better": True,
+        }
+    for key in sorted(k for k in variant("4 stages")[0]["qa"]["model"] if "/" in k):
+        out[f"QA {key.split('/', 1)[1]}"] = {
+            "value": seed_stat(variant("4 stages"), ("qa", "model", key)),
+            "threshold": 80.0,
+            "lower_is_better": False,
+        }
+    retrieval = [results["per_seed"][str(s)]["stage1_retrieval"]["model"] for s in seeds]
     out["stage-1 retrieval R@1 (>= 50 candidates)"] = {
-        "value": retrieval["R@1"] if retrieval["candidates"] >= 50 else None,
+        "value": over_seeds([r["R@1"] if r["candidates"] >= 50 else None for r in retrieval]),
         "threshold": 50.0,
         "lower_is_better": False,
     }
     for bar in out.values():
-        value, threshold = bar["value"], bar["threshold"]
+        value, threshold = bar["value"]["mean"], bar["threshold"]
         bar["met"] = (
             value is not None
             and threshold is not None
@@ -146,10 +197,27 @@ def bars(results: dict) -> dict[str, dict]:
     return out
 
 
+def test_set_summary(metrics: dict, clips: int, seed: int) -> str:
+    return (
+        f"{clips} clips of world seed {seed} (never trained on): "
+        f"{dig(metrics, ('grounding', 'model', 'count'))} grounding queries "
+        f"({dig(metrics, ('grounding', 'model/audio_only', 'count'))} audio-only, "
+        f"{dig(metrics, ('grounding', 'model/visual_only', 'count'))} visual-only, "
+        f"{dig(metrics, ('grounding', 'model/audio_visual', 'count'))} audio-visual), "
+        f"{dig(metrics, ('qa', 'model', 'count'))} QA questions, "
+        f"{dig(metrics, ('temporal_qa', 'model', 'count'))} temporal QA"
+    )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--clips", type=int, default=600, help="world size (10%% are test)")
+    parser.add_argument("--clips", type=int, default=600, help="training world size")
+    parser.add_argument(
+        "--test-clips", type=int, default=200, help="held-out world size (the test set)"
+    )
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0], help="training seeds")
     parser.add_argument("--lm-steps", type=int, default=600, help="tiny LLM pre-training")
+    parser.add_argument("--max-steps", type=int, default=None, help="cap per stage (smoke runs)")
     parser.add_argument(
         "--cache",
         type=Path,
@@ -168,7 +236,8 @@ def main() -> None:
     from damo.config.loader import config_hash
     from damo.data.backbones import make_tiny_backbones
     from damo.data.extract import connect_ray, extract_features, feature_config_hash, video_uris
-    from damo.data.synthetic import generate_world
+    from damo.data.records import write_records
+    from damo.data.synthetic import generate_world, load_world_records
     from damo.demo import BUCKET, DemoSize, demo_config, timed_step
     from damo.eval.batch import EvalSettings, evaluate_checkpoint, retrieval
     from damo.storage import Storage, join
@@ -182,12 +251,14 @@ def main() -> None:
     def timed(name: str, work):
         return timed_step(console, timings, name, work)
 
-    overrides = [*RECIPE, *args.set]
+    overrides = [*BUDGET, *args.set]
     base = load_config("tiny", overrides)
     args.cache.mkdir(parents=True, exist_ok=True)
     server = EmbeddedS3Server(base.storage.embedded, data_dir=str(args.cache / "storage"))
+    per_seed: dict[str, dict] = {}
     with server as state:
-        cfg = demo_config(base, state.s3_config(), DemoSize(args.clips, args.lm_steps, None))
+        size = DemoSize(args.clips, args.lm_steps, args.max_steps)
+        cfg = demo_config(base, state.s3_config(), size)
         # backbones depend on the model's arch and on the LM's pre-training: key them on both
         tag = config_hash({"model": cfg.model.model_dump(mode="json"), "lm": args.lm_steps})
         backbones = join(BUCKET, "backbones", f"tiny-{tag[:8]}")
@@ -206,70 +277,101 @@ def main() -> None:
             settings = SyntheticConfig.model_validate(
                 {**cfg.data.synthetic.model_dump(), "num_clips": args.clips}
             )
+            heldout_settings = settings.model_copy(
+                update={"num_clips": args.test_clips, "seed": settings.seed + 1}
+            )
+            heldout = join(BUCKET, f"heldout-{heldout_settings.seed}-{args.test_clips}")
             timed("synthetic world", lambda: generate_world(world, storage, settings))
+            timed("held-out world", lambda: generate_world(heldout, storage, heldout_settings))
+            test_records = join(heldout, "records", "all.parquet")
+            write_records(load_world_records(heldout, storage).to_pylist(), test_records, storage)
             connect_ray(cfg)
             features = cfg.train.data.features
-            timed(
-                "feature extraction",
-                lambda: extract_features(
-                    video_uris(storage, join(world, "videos")), features, cfg, storage=storage
-                ),
-            )
-            run_id = f"bar-{training_hash(cfg)[:8]}"  # the same budget resumes the same run
-            full = timed(
-                "4 stages", lambda: train_pipeline(cfg, run_id, storage=storage, log=console.print)
-            )
-            checkpoint = {int(k): v["checkpoint"] for k, v in full["stages"].items()}
-            skip3 = timed(
-                "stage 3 skipped",
-                lambda: train_pipeline(
-                    cfg,
-                    f"{run_id}-skip3",
-                    stages=(4,),
-                    init_checkpoint=checkpoint[2],
-                    storage=storage,
-                    log=console.print,
-                ),
-            )
-            test_records = join(cfg.train.data.records, "test.parquet")
-            variants = {
-                "4 stages": (checkpoint[4], False),
-                "4 stages, audio zeroed": (checkpoint[4], True),
-                "stage 3 skipped (1, 2, 4)": (skip3["stages"]["4"]["checkpoint"], False),
-                "stage 4 skipped (1, 2, 3)": (checkpoint[3], False),
-            }
-            evaluated = {}
-            for name, (uri, zero_audio) in variants.items():
-                out = join(BUCKET, "eval", run_id, name.split(" (")[0].replace(" ", "-"))
-                result = timed(
-                    f"evaluate: {name}",
-                    lambda uri=uri, zero_audio=zero_audio, out=out: evaluate_checkpoint(
-                        cfg,
-                        uri,
-                        features,
-                        test_records,
-                        out,
-                        EvalSettings(zero_audio=zero_audio, plots=2),
-                        storage,
+            heldout_features = join(BUCKET, "features-" + heldout.rsplit("/", 1)[-1])
+            for name, videos, out in (
+                ("feature extraction", join(world, "videos"), features),
+                ("held-out feature extraction", join(heldout, "videos"), heldout_features),
+            ):
+                timed(
+                    name,
+                    lambda videos=videos, out=out: extract_features(
+                        video_uris(storage, videos), out, cfg, storage=storage
                     ),
                 )
-                evaluated[name] = {"checkpoint": uri, "zero_audio": zero_audio, **result}
-            ranked = retrieval(
-                checkpoint[1], features, test_records, storage, feature_config_hash(cfg)
-            )
+            for seed in args.seeds:
+                seeded = cfg.model_copy(update={"seed": seed})
+                # the same budget and seed resume the same run (the hash leaves out the seed)
+                run_id = f"bar-{training_hash(seeded)[:8]}-seed{seed}"
+                full = timed(
+                    f"seed {seed}: 4 stages",
+                    partial(train_pipeline, seeded, run_id, storage=storage, log=console.print),
+                )
+                checkpoint = {int(k): v["checkpoint"] for k, v in full["stages"].items()}
+                skip3 = timed(
+                    f"seed {seed}: stage 3 skipped",
+                    partial(
+                        train_pipeline,
+                        seeded,
+                        f"{run_id}-skip3",
+                        stages=(4,),
+                        init_checkpoint=checkpoint[2],
+                        storage=storage,
+                        log=console.print,
+                    ),
+                )
+                checkpoints = {
+                    "full": checkpoint[4],
+                    "stage3": checkpoint[3],
+                    "skip3": skip3["stages"]["4"]["checkpoint"],
+                }
+                evaluated = {}
+                for name, (key, audio) in VARIANTS.items():
+                    out = join(BUCKET, "eval", run_id, name.split(" (")[0].replace(" ", "-"))
+                    result = timed(
+                        f"seed {seed}: evaluate {name}",
+                        partial(
+                            evaluate_checkpoint,
+                            seeded,
+                            checkpoints[key],
+                            heldout_features,
+                            test_records,
+                            out,
+                            EvalSettings(audio=audio, plots=2, seed=seed),
+                            storage,
+                        ),
+                    )
+                    evaluated[name] = {"checkpoint": checkpoints[key], "audio": audio, **result}
+                per_seed[str(seed)] = {
+                    "run_id": run_id,
+                    "training": {
+                        "4 stages": stage_summary(full),
+                        "stage 3 skipped": stage_summary(skip3),
+                    },
+                    "variants": evaluated,
+                    # among the training world's own test videos (a stage-1 check, not QA)
+                    "stage1_retrieval": retrieval(
+                        checkpoint[1],
+                        features,
+                        join(cfg.train.data.records, "test.parquet"),
+                        storage,
+                        feature_config_hash(cfg),
+                    ),
+                }
         finally:
             if ray.is_initialized():
                 ray.shutdown()
 
+    first = per_seed[str(args.seeds[0])]["variants"]["4 stages"]["metrics"]
     results = {
         "clips": args.clips,
+        "test_clips": args.test_clips,
+        "seeds": args.seeds,
         "lm_steps": args.lm_steps,
+        "max_steps": args.max_steps,
         "overrides": overrides,
         "cpus": os.cpu_count(),
-        "run_id": run_id,
-        "training": {"4 stages": stage_summary(full), "stage 3 skipped": stage_summary(skip3)},
-        "variants": evaluated,
-        "stage1_retrieval": ranked,
+        "test_set": test_set_summary(first, args.test_clips, heldout_settings.seed),
+        "per_seed": per_seed,
         "timings_s": timings,
         "total_s": round(time.monotonic() - started, 1),
     }

@@ -5,7 +5,7 @@ from __future__ import annotations
 import functools
 import sys
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, get_args
 
 import typer
 from rich.console import Console
@@ -660,13 +660,17 @@ def eval_run(
     gpus_per_actor: Annotated[
         float, typer.Option(min=0, help="GPUs per answering actor (0: CPU only).")
     ] = 0.0,
-    zero_audio: Annotated[
-        bool, typer.Option(help="Ablation: zero the audio features at inference.")
-    ] = False,
+    audio: Annotated[
+        str,
+        typer.Option(
+            help="Audio ablation at inference: as_is, swap (each video hears another's), "
+            "mask (no audio) or zero (zero features, mask says present)."
+        ),
+    ] = "as_is",
 ) -> None:
     """Answer every grounding/QA record of a split with greedy decoding; score and report."""
     from damo.data.extract import connect_ray
-    from damo.eval.batch import EvalSettings, evaluate_checkpoint
+    from damo.eval.batch import AudioAblation, EvalSettings, evaluate_checkpoint
     from damo.eval.report import metrics_table
     from damo.storage import join
 
@@ -674,12 +678,18 @@ def eval_run(
     require_allowed_options(cfg, checkpoint=checkpoint, out=out, features=features, records=records)
     records_uri = join(records or cfg.train.data.records, f"{split}.parquet")
     connect_ray(cfg)
+    if audio not in get_args(AudioAblation):
+        err_console.print(
+            f"[bold red]error:[/] --audio {escape(audio)}: expected one of "
+            + ", ".join(get_args(AudioAblation))
+        )
+        raise typer.Exit(code=2)
     settings = EvalSettings(
         max_new_tokens=max_new_tokens,
         batch_size=batch_size,
         actors=actors,
         gpus_per_actor=gpus_per_actor,
-        zero_audio=zero_audio,
+        audio=audio,
     )
     result = evaluate_checkpoint(
         cfg, checkpoint, features or cfg.train.data.features, records_uri, out, settings

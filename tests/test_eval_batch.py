@@ -7,6 +7,7 @@ import json
 import pytest
 from conftest import tiny_config
 
+from damo.data.synthetic import QUESTION_TYPES
 from damo.eval.batch import EvalSettings, evaluate_checkpoint
 from damo.model.checkpoint import save_checkpoint
 from damo.model.damo import DamoModel
@@ -19,13 +20,11 @@ def checkpoint(tiny_backbones, tmp_path_factory):
     return save_checkpoint(model, tmp_path_factory.mktemp("ckpt") / "model", stage=4)
 
 
-@pytest.mark.parametrize("zero_audio", [False, True])
-def test_evaluate_a_split(
-    zero_audio, checkpoint, tiny_backbones, tiny_world, tiny_features, tmp_path
-):
+@pytest.mark.parametrize("audio", ["as_is", "swap"])
+def test_evaluate_a_split(audio, checkpoint, tiny_backbones, tiny_world, tiny_features, tmp_path):
     cfg = tiny_config(tiny_backbones)
     out = tmp_path / "eval"
-    settings = EvalSettings(max_new_tokens=8, batch_size=4, plots=2, zero_audio=zero_audio)
+    settings = EvalSettings(max_new_tokens=8, batch_size=4, plots=2, audio=audio)
     result = evaluate_checkpoint(
         cfg,
         str(checkpoint),
@@ -54,7 +53,15 @@ def test_evaluate_a_split(
     )
     assert metrics["retrieval"]["model"]["candidates"] == len({r["video_uri"] for r in rows})
     saved = json.loads((out / "metrics.json").read_text())
-    assert saved["run"]["zero_audio"] is zero_audio
+    assert saved["run"]["audio"] == audio
+    types = {k for k in metrics["qa"]["model"] if k.startswith("accuracy/")}
+    assert types and types <= {f"accuracy/{t}" for t in QUESTION_TYPES}
+    if tasks["temporal_qa"]:  # a small world may have no event after another
+        assert {"event_accuracy", "span_mIoU", "joint_accuracy"} <= set(
+            metrics["temporal_qa"]["model"]
+        )
+    else:
+        assert "temporal_qa" not in metrics
     assert saved["run"]["frames"] == cfg.data.decode.num_frames == 16
     assert saved["run"]["audio_segments"] == cfg.data.decode.num_segments == 16
     assert saved["run"]["decoding"]["greedy"] is True

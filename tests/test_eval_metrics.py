@@ -66,3 +66,55 @@ def test_qa_accuracy_normalises_and_splits_by_type():
     assert m["accuracy"] == 50.0
     assert m["accuracy/colour"] == 100.0 and m["accuracy/sound"] == 0.0
     assert normalize_answer("  The  RED, square! ") == "red square"
+
+
+def test_timed_answers_score_event_and_span_apart():
+    from damo.eval.metrics import timed_answer_metrics
+    from damo.eval.parse import Span, split_timed_answer
+
+    assert split_timed_answer("a red square appears from 3.0 to 7.5 seconds.") == (
+        "a red square appears .",
+        Span(3.0, 7.5),
+    )
+    assert split_timed_answer("a low tone is heard between 2 and 4.5 s.")[1] == Span(2.0, 4.5)
+    assert split_timed_answer("nothing else happens.") == ("nothing else happens.", None)
+    truth = "a red square appears from 3.0 to 7.5 seconds."
+    predictions = [
+        "a red square appears from 3.0 to 6.0 seconds.",  # event right, IoU 3 / 4.5
+        "a blue circle appears from 3.0 to 7.5 seconds.",  # event wrong, span right
+        "a red square appears from 9.0 to 12.0 seconds.",  # event right, IoU 0
+        "no idea.",  # neither; unparsable span
+    ]
+    m = timed_answer_metrics(predictions, [truth] * 4, [(3.0, 7.5)] * 4, [12.0] * 4)
+    assert m["event_accuracy"] == 50.0
+    assert m["span_R1@0.5"] == 50.0
+    assert m["span_mIoU"] == pytest.approx(100 * (3 / 4.5 + 1.0) / 4)
+    assert m["joint_accuracy"] == 25.0
+    assert (m["count"], m["unparsable"]) == (4, 1)
+
+
+def test_audio_swap_gives_every_video_another_track_of_similar_length():
+    from damo.eval.batch import ablate_audio, audio_donors
+
+    uris = ["a", "b", "c", "d", "a"]  # a video may appear twice (several records)
+    donors = audio_donors(uris, [10.0, 20.0, 11.0, 19.0, 10.0])
+    assert donors == {"a": "c", "c": "d", "d": "b", "b": "a"}
+    with pytest.raises(ValueError, match="two videos"):
+        audio_donors(["a", "a"], [1.0, 1.0])
+    batch = {
+        "video_uri": np.array(["a", "b"]),
+        "audio_features": np.stack([np.full((2, 3), 1.0), np.full((2, 3), 2.0)]),
+        "has_audio": np.array([True, True]),
+    }
+    tracks = {
+        "a": {"audio_features": np.full((2, 3), 7.0), "has_audio": True},
+        "b": {"audio_features": np.full((2, 3), 8.0), "has_audio": False},
+    }
+    swapped = ablate_audio(batch, "swap", tracks)
+    assert swapped["audio_features"][:, 0, 0].tolist() == [7.0, 8.0]
+    assert swapped["has_audio"].tolist() == [True, False]
+    assert batch["audio_features"][0, 0, 0] == 1.0  # the input batch is not touched
+    assert not ablate_audio(batch, "mask", {})["has_audio"].any()
+    assert not ablate_audio(batch, "zero", {})["audio_features"].any()
+    with pytest.raises(ValueError, match="ablation"):
+        ablate_audio(batch, "louder", {})

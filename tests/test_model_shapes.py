@@ -19,7 +19,7 @@ def _expected(cfg):
     _, patches = vision_geometry(cfg.vision)
     return {
         "patches": patches,
-        "visual_slots": patches // cfg.residual.visual_compression,
+        "visual_slots": patches // cfg.residual.visual_compression,  # both presets divide
         "audio_slots": cfg.audio.tokens_per_segment // cfg.residual.audio_compression,
         "frames_after_conv": conv_length(cfg.frames, cfg.temporal.kernel, cfg.temporal.stride),
     }

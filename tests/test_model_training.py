@@ -92,12 +92,12 @@ def test_gradients_reach_exactly_the_trainable_set(tiny_cfg, stage):
 
 
 def test_stage_trainable_sets_come_from_config(tiny_backbones):
-    cfg = load_config("tiny", ["model.stages.stage2.trainable=[bridge]"]).model.with_backbones_at(
-        str(tiny_backbones)
-    )
+    cfg = load_config(
+        "tiny", ["model.stages.stage2.trainable=[fuseformer]"]
+    ).model.with_backbones_at(str(tiny_backbones))
     model = DamoModel.from_config(cfg, pretrained=False)
     names = set(model.trainable_named_parameters(2))
-    assert names and all(name.startswith("pathway.bridge.") for name in names)
+    assert names and all(name.startswith("pathway.fuseformer.") for name in names)
     with pytest.raises(ValueError, match="stage"):
         model.trainable_parameters(5)
 

@@ -26,11 +26,6 @@ class DecodeConfig(Section):
     mean: tuple[float, float, float] = CLIP_MEAN
     std: tuple[float, float, float] = CLIP_STD
     sample_rate: int = Field(default=16000, ge=1000, description="Audio rate, Hz (mono float32).")
-    max_segment_seconds: float | None = Field(
-        default=30.0,
-        gt=0,
-        description="Keep at most this much audio (centred) per segment; Whisper sees 30 s.",
-    )
     time_limit_s: float = Field(default=60.0, gt=0, description="Per-file decode time limit.")
     max_width: int = Field(default=7680, ge=16, description="Wider videos are rejected (8K).")
     max_height: int = Field(default=7680, ge=16, description="Taller videos are rejected.")

@@ -9,6 +9,7 @@ shape checks) or at random for the tiny backbones.
 
 from __future__ import annotations
 
+import math
 from typing import Any, Literal
 
 from pydantic import Field, field_validator
@@ -90,7 +91,11 @@ class AudioEncoderConfig(BackboneConfig):
         }
     )
     segment_seconds: float = Field(
-        default=2.0, gt=0, description="(default) audio per segment, centred on its timestamp."
+        default=30.0,
+        gt=0,
+        description="(paper) the most audio a segment keeps, centred on its timestamp: the "
+        "segments split the video evenly, each keeping min(its length, this); 30 s is "
+        "Whisper's window. Extraction and the encoder's kept tokens both follow it.",
     )
     sample_rate: int = 16000
 
@@ -124,7 +129,15 @@ class TextEncoderConfig(BackboneConfig):
             "vocab_size": 30522,
         }
     )
-    max_length: int = Field(default=64, ge=4)
+    max_length: int = Field(
+        default=64, ge=4, description="Caption tokens kept (a warning says when one is cut)."
+    )
+    cache_size: int = Field(
+        default=0,
+        ge=0,
+        description="Captions whose frozen encoder outputs are kept for reuse across epochs "
+        "(least recently used go first); 0: no cache.",
+    )
 
 
 class LoraConfig(Section):
@@ -182,10 +195,43 @@ class ResidualConfig(Section):
     visual_compression: int = Field(
         default=8, ge=1, description="Visual local tokens per frame / L' (256 -> 32)."
     )
+    visual_grid: tuple[int, int] | None = Field(
+        default=None,
+        description="(rows, cols) the patch grid is average-pooled to (L' = rows x cols); "
+        "None: the grid of P / visual_compression tokens closest in shape to the patch grid.",
+    )
     audio_compression: int = Field(
-        default=4, ge=1, description="Audio tokens per segment / L' (100 -> 25)."
+        default=60, ge=1, description="Audio tokens per segment / L' (1500 -> 25)."
     )
     ffn_mult: int = Field(default=2, ge=1)
+
+    def visual_pool_grid(self, patch_rows: int, patch_cols: int) -> tuple[int, int]:
+        """(rows, cols) of pooled visual tokens per frame for a patch grid of that shape.
+
+        Pooling is 2-D over the patch grid, so left/right and top/bottom both survive; a
+        1-D pool over the row-major patch sequence would average whole rows together.
+        """
+        if self.visual_grid is not None:
+            rows, cols = self.visual_grid
+            if not (1 <= rows <= patch_rows and 1 <= cols <= patch_cols):
+                raise ValueError(
+                    f"residual.visual_grid {self.visual_grid} does not fit the "
+                    f"{patch_rows}x{patch_cols} patch grid"
+                )
+            return rows, cols
+        tokens = max(1, (patch_rows * patch_cols) // self.visual_compression)
+        shapes = [
+            (rows, tokens // rows)
+            for rows in range(1, patch_rows + 1)
+            if tokens % rows == 0 and tokens // rows <= patch_cols
+        ]
+        if not shapes:
+            raise ValueError(
+                f"residual.visual_compression {self.visual_compression} gives {tokens} tokens, "
+                f"which no grid within {patch_rows}x{patch_cols} holds: set residual.visual_grid"
+            )
+        aspect = math.log(patch_rows / patch_cols)
+        return min(shapes, key=lambda rc: (abs(math.log(rc[0] / rc[1]) - aspect), rc[0]))
 
 
 class TemporalConfig(Section):
@@ -290,6 +336,13 @@ class ModelConfig(Section):
 
     frames: int = Field(default=24, ge=1, description="(paper) frames sampled per video.")
     audio_segments: int = Field(default=8, ge=1, description="(paper) audio segments per video.")
+    drop_audio_prob: float = Field(
+        default=0.0,
+        ge=0,
+        lt=1,
+        description="(default) chance that a training sample's audio is masked out, so that a "
+        "video without sound is a case the model has trained for (0: never).",
+    )
     vision: VisionEncoderConfig = VisionEncoderConfig()
     audio: AudioEncoderConfig = AudioEncoderConfig()
     text_encoder: TextEncoderConfig = TextEncoderConfig()

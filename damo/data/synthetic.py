@@ -62,6 +62,17 @@ BACKGROUND = (24, 24, 32)
 SPLIT_OF_INDEX = {8: "val", 9: "test"}  # index % 10; every other index trains
 
 TASKS = ("caption", "qa", "grounding", "temporal_qa", "dialogue")
+# The QA records' question types (`extra["question"]`), scored apart by evaluation.
+QUESTION_TYPES = (
+    "colour",
+    "shape",
+    "position",
+    "sound_with_shape",
+    "sound_at_time",
+    "silent_shape",
+    "colour_absent",
+    "colour_present",
+)
 
 
 @dataclass(frozen=True)
@@ -182,11 +193,16 @@ def _annotation(
     spans=(),
     turns=(),
     modality: str | None = None,
+    question: str | None = None,
 ) -> dict:
     """One record's fields; `modality` (visual / audio / both) says where the event can be
-    perceived, which lets evaluation score audio-only queries on their own."""
+    perceived, which lets evaluation score audio-only queries on their own, and `question`
+    names a QA question's type, which lets it score each type on its own."""
+    extra = {"modality": modality} if modality else {}
+    if question:
+        extra["question"] = question
     return {
-        "extra": {"modality": modality} if modality else {},
+        "extra": extra,
         "id": f"{spec.clip_id}-{task}-{n}",
         "video_id": spec.clip_id,
         "duration": spec.duration,
@@ -225,36 +241,53 @@ def annotations(spec: ClipSpec) -> list[dict]:
         _annotation(spec, "caption", 0, "", _caption(spec), [(e.start, e.end) for e in spec.events])
     ]
 
-    qa: list[tuple[str, str, list]] = []
+    qa: list[tuple[str, str, list, str]] = []  # question, answer, spans, question type
     for e in spec.events:
         span = [(e.start, e.end)]
         if e.visible:
-            qa.append((f"what colour is the {e.shape}?", f"{e.colour}.", span))
-            qa.append((f"what shape is {e.colour}?", f"a {e.shape}.", span))
-            qa.append((f"where is the {e.colour} {e.shape}?", f"in the {e.position}.", span))
+            qa.append((f"what colour is the {e.shape}?", f"{e.colour}.", span, "colour"))
+            qa.append((f"what shape is {e.colour}?", f"a {e.shape}.", span, "shape"))
+            qa.append(
+                (f"where is the {e.colour} {e.shape}?", f"in the {e.position}.", span, "position")
+            )
         if e.kind == "both":
             qa.append(
                 (
                     f"what sound is heard when the {e.colour} {e.shape} appears?",
                     f"a {e.sound}.",
                     span,
+                    "sound_with_shape",
                 )
             )
         if e.kind == "audio":
-            qa.append((f"what sound is heard {fmt_span(e.start, e.end)}?", f"a {e.sound}.", span))
+            qa.append(
+                (
+                    f"what sound is heard {fmt_span(e.start, e.end)}?",
+                    f"a {e.sound}.",
+                    span,
+                    "sound_at_time",
+                )
+            )
         if e.kind == "visual":
-            qa.append((f"is there a sound when the {e.colour} {e.shape} appears?", "no.", span))
+            qa.append(
+                (
+                    f"is there a sound when the {e.colour} {e.shape} appears?",
+                    "no.",
+                    span,
+                    "silent_shape",
+                )
+            )
     present = {e.colour for e in spec.events if e.colour}
     absent = [c for c in COLOURS if c not in present]
     if absent:
         colour = absent[spec.index % len(absent)]
-        qa.append((f"is there anything {colour}?", "no.", []))
+        qa.append((f"is there anything {colour}?", "no.", [], "colour_absent"))
     shown = [e for e in spec.events if e.visible]
     if shown:
         e = shown[spec.index % len(shown)]
-        qa.append((f"is there anything {e.colour}?", "yes.", [(e.start, e.end)]))
-    for n, (q, a, spans) in enumerate(qa):
-        out.append(_annotation(spec, "qa", n, q, a, spans))
+        qa.append((f"is there anything {e.colour}?", "yes.", [(e.start, e.end)], "colour_present"))
+    for n, (q, a, spans, kind) in enumerate(qa):
+        out.append(_annotation(spec, "qa", n, q, a, spans, question=kind))
 
     for n, e in enumerate(spec.events):
         query = f"when does {e.thing} appear?" if e.visible else f"when is {e.thing} heard?"

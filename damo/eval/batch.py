@@ -13,6 +13,7 @@ import json
 import time
 from collections import Counter
 from dataclasses import dataclass, field
+from typing import Literal
 
 import numpy as np
 
@@ -22,16 +23,25 @@ from damo.data.extract import feature_config_hash
 from damo.data.records import read_records, write_qvhighlights_submission
 from damo.data.training import (
     feature_dataset,
+    read_feature_table,
     select_feature_rows,
+    table_to_numpy,
     training_dataset,
     video_tensors,
 )
-from damo.eval.metrics import grounding_metrics, qa_accuracy, retrieval_metrics
-from damo.eval.parse import parse_span
+from damo.eval.metrics import (
+    grounding_metrics,
+    qa_accuracy,
+    retrieval_metrics,
+    timed_answer_metrics,
+)
+from damo.eval.parse import parse_span, split_timed_answer
 from damo.storage import Storage, join
 from damo.version import code_version
 
 TASKS = ("grounding", "qa", "temporal_qa")
+AudioAblation = Literal["as_is", "swap", "mask", "zero"]
+AUDIO_COLUMNS = ("audio_features", "has_audio")
 MODEL_DIR = "model"  # inside a training checkpoint (damo.train.loop)
 
 
@@ -41,7 +51,10 @@ class EvalSettings:
     batch_size: int = 8
     actors: int = 1
     gpus_per_actor: float = 0.0  # per answering/embedding actor; CUDA only when > 0
-    zero_audio: bool = False  # ablation: silence the audio stream at inference
+    # ablation of the audio stream at inference: "as_is"; "swap": each video hears the audio
+    # of the split's video nearest in duration; "mask": no audio (the mask says so, as for a
+    # silent video); "zero": zero features while the mask says "present" (out of distribution)
+    audio: AudioAblation = "as_is"
     plots: int = 6
     seed: int = 0
     tasks: tuple[str, ...] = TASKS
@@ -68,17 +81,20 @@ def actor_device() -> str:
 class AnswerQuestions:
     """map_batches UDF (actor pool): one model per actor, greedy answers for a batch."""
 
-    def __init__(self, checkpoint_uri: str, s3: S3Config, settings: EvalSettings):
+    def __init__(
+        self, checkpoint_uri: str, s3: S3Config, settings: EvalSettings, donors: dict | None = None
+    ):
         self.device = actor_device()
         self.model = load_model(checkpoint_uri, Storage(s3)).to(self.device)
         self.settings = settings
+        self.donors = donors or {}
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         from damo.model.video import VideoFeatures
 
-        video = VideoFeatures.from_batch(video_tensors(batch))
-        if self.settings.zero_audio:
-            video.audio.zero_()
+        video = VideoFeatures.from_batch(
+            video_tensors(ablate_audio(batch, self.settings.audio, self.donors))
+        )
         prompts = [json.loads(str(c))[0]["content"] for c in batch["conversation"]]
         answers = self.model.generate(video, prompts, max_new_tokens=self.settings.max_new_tokens)
         keep = ("record_id", "video_uri", "task", "query", "answer", "spans", "extra", "duration")
@@ -102,9 +118,12 @@ def predict(
     )
     if not report.matched:
         raise ValueError(f"no records of {records_uri} for {settings.tasks} have features")
+    donors = None
+    if settings.audio == "swap":
+        donors = swapped_audio(features_uri, records_uri, storage, feature_config_hash(cfg))
     answered = dataset.map_batches(
         AnswerQuestions,
-        fn_constructor_args=(checkpoint_uri, cfg.storage.s3, settings),
+        fn_constructor_args=(checkpoint_uri, cfg.storage.s3, settings, donors),
         batch_size=settings.batch_size,
         compute=ray.data.ActorPoolStrategy(min_size=1, max_size=settings.actors),
         num_cpus=1,
@@ -112,6 +131,49 @@ def predict(
     )
     rows = sorted(answered.take_all(), key=lambda r: r["record_id"])
     return rows, report
+
+
+# ---- the audio ablation --------------------------------------------------------------------
+def audio_donors(uris: list[str], durations: list[float]) -> dict[str, str]:
+    """video -> the video whose audio it hears when swapped: its neighbour in duration order
+    (a cycle, so every video gives and takes one track and none keeps its own). A donor of
+    about the same length puts sounds at about the same places in the clip."""
+    if len(set(uris)) < 2:
+        raise ValueError("swapping audio needs at least two videos")
+    order = sorted(set(zip(uris, durations, strict=True)), key=lambda u: (u[1], u[0]))
+    return {uri: order[(i + 1) % len(order)][0] for i, (uri, _) in enumerate(order)}
+
+
+def swapped_audio(
+    features_uri: str, records_uri: str, storage: Storage, feature_hash: str
+) -> dict[str, dict]:
+    """video -> its donor's audio feature columns, for the split's videos."""
+    wanted = set(read_records(records_uri, storage).column("video_uri").to_pylist())
+    columns = table_to_numpy(read_feature_table(features_uri, storage, feature_hash, wanted))
+    uris = [str(u) for u in columns["video_uri"]]
+    row = {uri: i for i, uri in enumerate(uris)}
+    donors = audio_donors(uris, [float(d) for d in columns["duration"]])
+    return {
+        uri: {k: columns[k][row[donor]] for k in AUDIO_COLUMNS} | {"donor": donor}
+        for uri, donor in donors.items()
+    }
+
+
+def ablate_audio(batch: dict[str, np.ndarray], mode: str, donors: dict) -> dict[str, np.ndarray]:
+    """A copy of a feature batch with its audio ablated (`EvalSettings.audio`)."""
+    if mode == "as_is":
+        return batch
+    batch = dict(batch)
+    if mode == "swap":
+        for key in AUDIO_COLUMNS:
+            batch[key] = np.stack([donors[str(uri)][key] for uri in batch["video_uri"]])
+    elif mode == "mask":
+        batch["has_audio"] = np.zeros(len(batch["has_audio"]), dtype=bool)
+    elif mode == "zero":
+        batch["audio_features"] = np.zeros_like(np.stack(list(batch["audio_features"])))
+    else:
+        raise ValueError(f"unknown audio ablation {mode!r}")
+    return batch
 
 
 # ---- scoring -------------------------------------------------------------------------------
@@ -156,13 +218,29 @@ def score_rows(rows: list[dict], seed: int = 0) -> tuple[dict, list[dict]]:
         if not subset:
             continue
         answers = [r["answer"] for r in subset]
-        majority = Counter(normalize_answer(a) for a in answers).most_common(1)[0][0]
+        predictions = [r["prediction"] for r in subset]
+        majority = Counter(answers).most_common(1)[0][0]
+        types = [json.loads(r["extra"]).get("question") or task for r in subset]
         for row in subset:
             row["correct"] = normalize_answer(row["prediction"]) == normalize_answer(row["answer"])
         metrics[task] = {
-            "model": qa_accuracy([r["prediction"] for r in subset], answers),
-            "baseline_majority_answer": qa_accuracy([majority] * len(subset), answers),
+            "model": qa_accuracy(predictions, answers, types),
+            "baseline_majority_answer": qa_accuracy([majority] * len(subset), answers, types),
         }
+        if task == "temporal_qa":  # the event part and the span, scored apart
+            gt = [tuple(json.loads(r["spans"])[0]) for r in subset]
+            durations = [r["duration"] for r in subset]
+            event = Counter(split_timed_answer(a)[0] for a in answers).most_common(1)[0][0]
+            metrics[task]["model"].update(timed_answer_metrics(predictions, answers, gt, durations))
+            metrics[task]["baseline_majority_answer"].update(
+                timed_answer_metrics([majority] * len(subset), answers, gt, durations)
+            )
+            metrics[task]["baseline_majority_event_whole_clip"] = timed_answer_metrics(
+                [f"{event} from 0.0 to {d:.1f} seconds" for d in durations],
+                answers,
+                gt,
+                durations,
+            )
     return metrics, rows
 
 
@@ -267,7 +345,7 @@ def evaluate_checkpoint(
         "frames": cfg.data.decode.num_frames,
         "audio_segments": cfg.data.decode.num_segments,
         "decoding": {"greedy": True, "max_new_tokens": settings.max_new_tokens},
-        "zero_audio": settings.zero_audio,
+        "audio": settings.audio,
         "prompt": "the record's question, as the user turn "
         "of the LLM's chat template with <video> before it (damo.model.llm.PromptBuilder)",
         "parser": "damo.eval.parse.parse_span",

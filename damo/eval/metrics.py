@@ -111,3 +111,45 @@ def qa_accuracy(
         for kind in sorted(set(question_types)):
             out[f"accuracy/{kind}"] = float(100.0 * correct[types == kind].mean())
     return out
+
+
+def timed_answer_metrics(
+    predictions: Sequence[str],
+    answers: Sequence[str],
+    gt_spans: Sequence[tuple[float, float]],
+    durations: Sequence[float] | None = None,
+) -> dict[str, float]:
+    """Temporal QA answers a clause with a span ("a red square appears from 3.0 to 7.5
+    seconds."). Exact match of the whole clause is near 0 for any model that is a little off
+    in time, so the event part and the span are scored apart, as grounded dialogue is:
+
+    event_accuracy  the clause without its span matches the reference's (normalised), in %
+    span_mIoU, span_R1@0.5  the predicted span against the reference span (None: IoU 0)
+    joint_accuracy  event right and span IoU >= 0.5, in %
+    """
+    from damo.eval.parse import split_timed_answer
+
+    if not (len(predictions) == len(answers) == len(gt_spans)):
+        raise ValueError(
+            f"{len(predictions)} predictions, {len(answers)} answers, {len(gt_spans)} spans"
+        )
+    if not answers:
+        raise ValueError("no answers to evaluate")
+    durations = durations if durations is not None else [None] * len(answers)
+    predicted = [split_timed_answer(p, d) for p, d in zip(predictions, durations, strict=True)]
+    expected = [normalize_answer(split_timed_answer(a)[0]) for a in answers]
+    event = np.array(
+        [normalize_answer(e) == x for (e, _), x in zip(predicted, expected, strict=True)]
+    )
+    spans = grounding_metrics([s for _, s in predicted], gt_spans, thresholds=(0.5,))
+    parsed = np.array([s is not None for _, s in predicted])
+    pred = np.array([s if s is not None else (0.0, 0.0) for _, s in predicted], dtype=float)
+    iou = np.where(parsed, temporal_iou_paired(pred, np.asarray(gt_spans, dtype=float)), 0.0)
+    return {
+        "event_accuracy": float(100.0 * event.mean()),
+        "span_mIoU": spans["mIoU"],
+        "span_R1@0.5": spans["R1@0.5"],
+        "joint_accuracy": float(100.0 * (event & (iou >= 0.5)).mean()),
+        "count": len(answers),
+        "unparsable": spans["unparsable"],
+    }

@@ -67,3 +67,17 @@ def parse_spans(text: str | None, duration: float | None = None) -> list[Span]:
             spans.append(span)
         rest = rest[match.end() :]
     return spans
+
+
+def split_timed_answer(text: str | None, duration: float | None = None) -> tuple[str, Span | None]:
+    """A timed answer's event part and its span: "a red square appears from 3.0 to 7.5
+    seconds." -> ("a red square appears .", Span(3.0, 7.5)). Without a span the whole text is
+    the event part."""
+    if not text:
+        return "", None
+    matches = [m for m in (pattern.search(text) for pattern in _SPANS) if m is not None]
+    if not matches:
+        return text, None
+    match = min(matches, key=lambda m: m.start())
+    prefix = re.sub(r"\b(?:from|between)\s*$", "", text[: match.start()], flags=re.IGNORECASE)
+    return f"{prefix.strip()} {text[match.end() :].strip()}".strip(), parse_span(text, duration)

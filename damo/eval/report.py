@@ -8,7 +8,20 @@ import json
 
 from damo.storage import Storage, join
 
-PERCENT_KEYS = ("R1@0.3", "R1@0.5", "R1@0.7", "mIoU", "accuracy", "R@1", "R@5", "R@10")
+PERCENT_KEYS = (
+    "R1@0.3",
+    "R1@0.5",
+    "R1@0.7",
+    "mIoU",
+    "accuracy",
+    "event_accuracy",
+    "span_mIoU",
+    "span_R1@0.5",
+    "joint_accuracy",
+    "R@1",
+    "R@5",
+    "R@10",
+)
 
 
 def timeline_png(row: dict) -> bytes:
@@ -42,16 +55,19 @@ def _cell(metrics: dict, key: str) -> str:
     value = metrics.get(key)
     if value is None:
         return ""
-    return f"{value:.1f}" if key in PERCENT_KEYS else f"{value:g}"
+    percent = key in PERCENT_KEYS or key.startswith("accuracy/")
+    return f"{value:.1f}" if percent else f"{value:g}"
 
 
 def metrics_table(metrics: dict) -> str:
-    """One Markdown table per task: rows are the model and its baselines."""
+    """One Markdown table per task: rows are the model and its baselines; QA accuracy per
+    question type gets its own columns."""
     parts = []
     for task, variants in metrics.items():
+        per_type = sorted({k for v in variants.values() for k in v if k.startswith("accuracy/")})
         keys = [
             k
-            for k in (*PERCENT_KEYS, "median_rank", "unparsable", "count")
+            for k in (*PERCENT_KEYS, *per_type, "median_rank", "unparsable", "count")
             if any(k in v for v in variants.values())
         ]
         parts.append(f"### {task}\n\n| | " + " | ".join(keys) + " |\n|---|" + "---|" * len(keys))

@@ -11,6 +11,7 @@ import torch
 
 from damo.config.model import Component, ModelConfig
 from damo.model.backbones import FrozenEncoders, vision_geometry
+from damo.model.video import patch_grid
 
 
 @dataclass(frozen=True)
@@ -33,7 +34,8 @@ def token_steps(cfg: ModelConfig) -> list[TokenStep]:
     """Tokens per video at each step from the encoders to the LLM's soft prompt."""
     _, patches = vision_geometry(cfg.vision)
     audio_tokens = cfg.audio.tokens_per_segment
-    visual_slots = max(1, patches // cfg.residual.visual_compression)
+    rows, cols = cfg.residual.visual_pool_grid(*patch_grid(patches))
+    visual_slots = rows * cols
     audio_slots = max(1, audio_tokens // cfg.residual.audio_compression)
     frames_after_conv = conv_length(cfg.frames, cfg.temporal.kernel, cfg.temporal.stride)
     fuse = cfg.fuseformer

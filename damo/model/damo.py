@@ -10,7 +10,10 @@ Batches are dicts of tensors:
 
 from __future__ import annotations
 
+import warnings
+from collections import OrderedDict
 from contextlib import nullcontext
+from dataclasses import replace
 
 import torch
 from torch import Tensor, nn
@@ -41,6 +44,10 @@ COMPONENT_MODULES: dict[str, tuple[str, ...]] = {
 }
 # The weights DaMO owns (saved in checkpoints); the backbones are referenced by path.
 OWNED_PREFIXES = ("pathway.", "heads.")
+
+
+class CaptionTruncated(UserWarning):
+    """Captions longer than the model's text limits lose their ends."""
 
 
 class DamoModel(nn.Module):
@@ -90,6 +97,7 @@ class DamoModel(nn.Module):
             cfg.heads,
         )
         self.text_encoder = freeze(text_encoder)
+        self.text_cache: OrderedDict[bytes, Tensor] = OrderedDict()  # caption tokens -> states
         self.tokenizer = tokenizer
         self.text_tokenizer = text_tokenizer
         if llm is None:
@@ -101,7 +109,7 @@ class DamoModel(nn.Module):
             if cfg.llm.video_token not in tokenizer.get_vocab():
                 tokenizer.add_special_tokens({"additional_special_tokens": [cfg.llm.video_token]})
             if len(tokenizer) > llm.get_input_embeddings().num_embeddings:
-                llm.resize_token_embeddings(len(tokenizer))
+                grow_vocabulary(llm, len(tokenizer))
             self.video_token_id = tokenizer.convert_tokens_to_ids(cfg.llm.video_token)
             self.prompt_builder = PromptBuilder(tokenizer, cfg.llm.video_token, cfg.bridge.queries)
         else:
@@ -193,6 +201,18 @@ class DamoModel(nn.Module):
             param.requires_grad_(name in trainable)
         return list(trainable.values())
 
+    def parameter_groups(self, stage: int, lr: float, lr_scale: dict[str, float]) -> list[dict]:
+        """Optimizer parameter groups for stage `stage`: one per trainable component, each at
+        lr x its scale (`train.stages.stageK.optimizer.lr_scale`). Call after `set_stage`."""
+        trainable = self.trainable_named_parameters(stage)
+        groups = []
+        for component in self.cfg.stages.get(stage).trainable:
+            names = [n for n in self.component_parameters(component) if n in trainable]
+            if names:
+                scale = lr_scale.get(component, 1.0)
+                groups.append({"params": [trainable[n] for n in names], "lr": lr * scale})
+        return groups
+
     def train(self, mode: bool = True) -> DamoModel:
         super().train(mode)
         self.text_encoder.eval()  # frozen: never dropout
@@ -202,6 +222,8 @@ class DamoModel(nn.Module):
     def forward(self, batch: dict[str, Tensor], stage: int) -> dict[str, Tensor]:
         """The losses of stage `stage` for one batch; `loss` is what to minimise."""
         video = VideoFeatures.from_batch(batch)
+        if self.training and self.cfg.drop_audio_prob > 0:
+            video = drop_audio(video, self.cfg.drop_audio_prob)
         if self.cfg.stages.get(stage).objective == "alignment":
             return self.alignment_losses(
                 video, batch["text_input_ids"], batch["text_attention_mask"]
@@ -213,6 +235,29 @@ class DamoModel(nn.Module):
         return self.pathway(video)  # (B, K, H)
 
     def text_states(self, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
+        """(B, S, Dt) frozen text-encoder states; positions past a caption's end are zeros
+        when they come from the cache (every head masks them)."""
+        if not self.cfg.text_encoder.cache_size:
+            return self.encode_text_tokens(input_ids, attention_mask)
+        # The encoder is frozen, so a caption's states never change: stage 1 reads each
+        # caption once per epoch, and the encoder was a quarter of a tiny stage-1 step.
+        lengths = attention_mask.sum(dim=1).tolist()
+        keys = [bytes(row[:n].cpu().numpy()) for row, n in zip(input_ids, lengths, strict=True)]
+        missing = [i for i, key in enumerate(keys) if key not in self.text_cache]
+        if missing:
+            index = torch.tensor(missing, device=input_ids.device)
+            fresh = self.encode_text_tokens(input_ids[index], attention_mask[index])
+            for row, i in enumerate(missing):
+                self.text_cache[keys[i]] = fresh[row, : lengths[i]]
+        for key in keys:
+            self.text_cache.move_to_end(key)
+        while len(self.text_cache) > self.cfg.text_encoder.cache_size:
+            self.text_cache.popitem(last=False)
+        states = [self.text_cache[key] for key in keys]
+        padded = nn.utils.rnn.pad_sequence(states, batch_first=True)  # (B, max len, Dt)
+        return nn.functional.pad(padded, (0, 0, 0, input_ids.shape[1] - padded.shape[1]))
+
+    def encode_text_tokens(self, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
         with torch.no_grad():
             return self.text_encoder(
                 input_ids=input_ids, attention_mask=attention_mask
@@ -271,6 +316,16 @@ class DamoModel(nn.Module):
         if self.text_tokenizer is None:
             raise RuntimeError("no text tokenizer: build the model with pretrained=True")
         max_length = min(self.cfg.text_encoder.max_length, self.cfg.heads.vtg_max_length + 1)
+        lengths = [len(ids) for ids in self.text_tokenizer(texts)["input_ids"]]
+        if max(lengths, default=0) > max_length:
+            warnings.warn(
+                # one message per limit, so the warning shows once, not once per batch
+                f"captions longer than the {max_length} tokens the text encoder and VTG keep "
+                "lose their ends; raise model.text_encoder.max_length and "
+                "model.heads.vtg_max_length",
+                CaptionTruncated,
+                stacklevel=2,
+            )
         encoded = self.text_tokenizer(
             texts, padding=True, truncation=True, max_length=max_length, return_tensors="pt"
         )
@@ -320,10 +375,35 @@ class DamoModel(nn.Module):
             do_sample=not greedy,
             pad_token_id=self.prompt_builder.pad_token_id,
             eos_token_id=self.tokenizer.eos_token_id,
+            # `<video>` is an input placeholder, never an answer
+            suppress_tokens=[self.video_token_id],
             **generate_kwargs,
         )  # (B, new tokens): with inputs_embeds only the continuation comes back
         texts = self.tokenizer.batch_decode(output, skip_special_tokens=True)
         return [text.strip() for text in texts]
+
+
+def grow_vocabulary(llm: nn.Module, size: int) -> None:
+    """Add rows for tokens the LLM lacks (the paper preset's `<video>`), the same on every load.
+
+    A random new row would differ between loads, and the checkpoint does not store backbone
+    weights: the input row is always overwritten by the soft prompt, but an untied output row
+    would move every logit's softmax and could even be generated. Each new row is the mean of
+    the existing ones, so two loads of a checkpoint answer bit-identically.
+    """
+    old = llm.get_input_embeddings().num_embeddings
+    llm.resize_token_embeddings(size, mean_resizing=False)
+    with torch.no_grad():
+        tables = {id(t): t for t in (llm.get_input_embeddings(), llm.get_output_embeddings())}
+        for table in tables.values():
+            if table is not None and table.weight.device.type != "meta":
+                table.weight[old:] = table.weight[:old].mean(dim=0)
+
+
+def drop_audio(video: VideoFeatures, prob: float) -> VideoFeatures:
+    """Mask out each sample's whole audio with probability `prob` (training only)."""
+    heard = torch.rand(video.audio_mask.shape[0], device=video.audio_mask.device) >= prob  # (B,)
+    return replace(video, audio_mask=video.audio_mask & heard[:, None])
 
 
 def random_video(

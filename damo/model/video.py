@@ -7,6 +7,7 @@ K bridge queries (soft prompt length) and H the LLM width.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -109,23 +110,44 @@ class GlobalResidual(nn.Module):
     """X_res = AdaptiveAvgPool(X_local -> L') + FFN(X_global), then a linear to width D.
 
     The pooled local tokens keep coarse spatial (or spectral) detail; the global token, added to
-    every one of them, carries what the whole frame or segment is about.
+    every one of them, carries what the whole frame or segment is about. With `grid` (vision)
+    the local tokens are a row-major (rows, cols) patch grid pooled in 2-D to `pooled`
+    (rows', cols'), L' = rows' x cols'; without it (audio) they are a sequence pooled to
+    `pooled` tokens.
     """
 
-    def __init__(self, in_dim: int, out_dim: int, out_tokens: int, ffn_mult: int):
+    def __init__(
+        self,
+        in_dim: int,
+        out_dim: int,
+        pooled: int | tuple[int, int],
+        ffn_mult: int,
+        grid: tuple[int, int] | None = None,
+    ):
         super().__init__()
+        self.grid = grid
         self.norm = nn.LayerNorm(in_dim)  # encoder outputs are unnormalised (pre final LN)
-        self.pool = nn.AdaptiveAvgPool1d(out_tokens)
+        self.pool = nn.AdaptiveAvgPool2d(pooled) if grid else nn.AdaptiveAvgPool1d(pooled)
         self.global_ffn = FeedForward(in_dim, ffn_mult)
         self.proj = nn.Linear(in_dim, out_dim)
 
     def forward(self, local: Tensor, global_: Tensor) -> Tensor:
         batch, steps, tokens, in_dim = local.shape  # (B, T, P, Din)
         local = self.norm(local).reshape(batch * steps, tokens, in_dim).transpose(1, 2)
-        pooled = self.pool(local).transpose(1, 2)  # (B*T, L', Din)
+        if self.grid:
+            local = local.reshape(batch * steps, in_dim, *self.grid)  # (B*T, Din, rows, cols)
+        pooled = self.pool(local).flatten(2).transpose(1, 2)  # (B*T, L', Din)
         pooled = pooled.reshape(batch, steps, -1, in_dim)  # (B, T, L', Din)
         residual = pooled + self.global_ffn(self.norm(global_))[:, :, None, :]  # (B, T, L', Din)
         return self.proj(residual)  # (B, T, L', D)
+
+
+def patch_grid(patches: int) -> tuple[int, int]:
+    """(rows, cols) of a square image's patch grid: ViT encoders see square frames."""
+    side = math.isqrt(patches)
+    if side * side != patches:
+        raise ValueError(f"{patches} patches per frame do not form a square grid")
+    return side, side
 
 
 class TemporalPathway(nn.Module):
@@ -192,10 +214,12 @@ class FuseformerLayer(nn.Module):
         audio: Tensor,
         audio_mask: Tensor | None,
         fusion: Tensor,
+        joint_mask: Tensor | None = None,
     ) -> tuple[Tensor, Tensor, Tensor]:
         batch = fusion.shape[0]
         visual_attn = key_mask_to_attn_mask(visual_mask)  # (B, 1, 1, Sv) or None
         audio_attn = key_mask_to_attn_mask(audio_mask)  # (B, 1, 1, Sa) or None
+        joint_attn = key_mask_to_attn_mask(joint_mask)  # (B, 1, 1, F+Nv+Na) or None
         visual = self.visual_self(visual, visual_attn)  # (B, Sv, D)
         audio = self.audio_self(audio, audio_attn)  # (B, Sa, D)
         visual_queries = self.visual_queries.expand(batch, -1, -1)  # (B, Nv, D)
@@ -203,7 +227,7 @@ class FuseformerLayer(nn.Module):
         visual_queries = self.visual_cross(visual_queries, visual, visual_attn)  # (B, Nv, D)
         audio_queries = self.audio_cross(audio_queries, audio, audio_attn)  # (B, Na, D)
         joint = torch.cat([fusion, visual_queries, audio_queries], dim=1)  # (B, F+Nv+Na, D)
-        joint = self.multimodal(joint)
+        joint = self.multimodal(joint, joint_attn)
         sizes = [fusion.shape[1], visual_queries.shape[1], audio_queries.shape[1]]
         fusion, visual_queries, audio_queries = joint.split(sizes, dim=1)
         return fusion, visual_queries, audio_queries
@@ -215,6 +239,8 @@ class TFuseformer(nn.Module):
     def __init__(self, cfg: FuseformerConfig):
         super().__init__()
         self.fusion_tokens = nn.Parameter(torch.randn(cfg.fusion_tokens, cfg.width) * 0.02)
+        self.fused_and_visual = cfg.fusion_tokens + cfg.visual_queries
+        self.audio_queries = cfg.audio_queries
         self.layers = nn.ModuleList(FuseformerLayer(cfg) for _ in range(cfg.depth))
         self.norm = nn.LayerNorm(cfg.width)
         self.gradient_checkpointing = cfg.gradient_checkpointing
@@ -223,16 +249,35 @@ class TFuseformer(nn.Module):
         self, visual: Tensor, visual_mask: Tensor, audio: Tensor, audio_mask: Tensor
     ) -> Tensor:
         # visual (B, Sv, D), audio (B, Sa, D) with key masks (B, Sv), (B, Sa)
-        fusion = self.fusion_tokens.expand(visual.shape[0], -1, -1)  # (B, F, D)
+        batch = visual.shape[0]
+        fusion = self.fusion_tokens.expand(batch, -1, -1)  # (B, F, D)
+        # A video without audio (or with its audio masked out) has audio queries that read
+        # nothing real: nothing may read them, in this layer's fusion or the next layer's
+        # audio stream, so the video is seen through its frames alone.
+        heard = audio_mask.any(dim=1, keepdim=True)  # (B, 1)
+        audio_queries_mask = heard.expand(batch, self.audio_queries)  # (B, Na)
+        joint_mask = torch.cat(
+            [torch.ones_like(heard).expand(batch, self.fused_and_visual), audio_queries_mask],
+            dim=1,
+        )  # (B, F+Nv+Na)
         masks: tuple[Tensor | None, Tensor | None] = (visual_mask, audio_mask)
         for layer in self.layers:
             if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
                 fusion, visual, audio = checkpoint(
-                    layer, visual, masks[0], audio, masks[1], fusion, use_reentrant=False
+                    layer,
+                    visual,
+                    masks[0],
+                    audio,
+                    masks[1],
+                    fusion,
+                    joint_mask,
+                    use_reentrant=False,
                 )  # activations recomputed in the backward pass
             else:
-                fusion, visual, audio = layer(visual, masks[0], audio, masks[1], fusion)
-            masks = (None, None)  # from layer 2 on the streams are queries: all real tokens
+                fusion, visual, audio = layer(visual, masks[0], audio, masks[1], fusion, joint_mask)
+            # from layer 2 on the streams are the queries: every visual one is real, the audio
+            # ones only where there is audio
+            masks = (None, audio_queries_mask)
         return self.norm(fusion)  # (B, F, D)
 
 
@@ -276,11 +321,9 @@ class VideoPathway(nn.Module):
         width = fuseformer.width
         if width % temporal.groups:
             raise ValueError(f"temporal groups {temporal.groups} must divide width {width}")
+        grid = patch_grid(visual_patches)
         self.visual_residual = GlobalResidual(
-            visual_dim,
-            width,
-            max(1, visual_patches // residual.visual_compression),
-            residual.ffn_mult,
+            visual_dim, width, residual.visual_pool_grid(*grid), residual.ffn_mult, grid=grid
         )
         self.audio_residual = GlobalResidual(
             audio_dim, width, max(1, audio_tokens // residual.audio_compression), residual.ffn_mult

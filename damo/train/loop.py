@@ -183,7 +183,7 @@ def train_loop_per_worker(config: dict) -> None:
     params = model.set_stage(stage)
     model.to(device)
     optimizer = torch.optim.AdamW(
-        params,
+        model.parameter_groups(stage, spec.optimizer.lr, spec.optimizer.lr_scale),
         lr=spec.optimizer.lr,
         weight_decay=spec.optimizer.weight_decay,
         betas=spec.optimizer.betas,
