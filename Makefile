@@ -8,7 +8,7 @@ STAMP  := $(VENV)/.damo-installed
 export HF_HUB_OFFLINE := 1
 export RAY_AUTH_MODE := disabled
 
-.PHONY: demo test lint clean-storage
+.PHONY: demo test lint clean-storage system-deps
 
 $(STAMP): pyproject.toml
 	@command -v $(PYTHON) >/dev/null || { echo "error: $(PYTHON) not found (Python 3.11 is required)"; exit 1; }
@@ -20,11 +20,19 @@ $(STAMP): pyproject.toml
 demo: $(STAMP)
 	$(BIN)/damo demo
 
+# The web page's test drives a real headless Chromium: Debian's, since Playwright cannot download
+# its own browser here. Under CI=true that test fails (never skips) without it.
+system-deps:
+	@if ! command -v chromium >/dev/null 2>&1 && [ ! -x /usr/bin/chromium ]; then \
+		SUDO=""; [ "$$(id -u)" -ne 0 ] && command -v sudo >/dev/null 2>&1 && SUDO="sudo"; \
+		$$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq chromium; \
+	fi
+
 lint: $(STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/lint-imports
 
-test: lint
+test: lint system-deps
 	RAY_DATA_DISABLE_PROGRESS_BARS=1 $(BIN)/python -m pytest
 
 clean-storage:

@@ -237,6 +237,7 @@ def driver_val_loss(cfg, checkpoint_uri: str, stage: int, storage: Storage):
     return terms
 
 
+@pytest.mark.timeout(2400)  # extraction, 4 stages twice over, evaluation: ~10 min on 2 idle cores
 def test_pipeline_on_two_nodes_with_s3_as_the_only_shared_storage(
     cluster, s3_server, tiny_backbones, ray_cluster, tmp_path
 ):
@@ -298,16 +299,12 @@ def test_pipeline_on_two_nodes_with_s3_as_the_only_shared_storage(
         assert {p["world_size"] for p in placed} == {2}, placed
         assert {p["node_id"] for p in placed} == node_ids, (stage, placed)
 
-    # the reported validation loss covers the whole val split across both workers
+    # the reported validation loss is the whole val split's, whichever rank reported it
     cfg = load_config(str(config))
     terms = driver_val_loss(cfg, stages["4"]["checkpoint"], 4, storage)
-    total, weight = sum(t for t, _ in terms), sum(w for _, w in terms)
+    expected = sum(t for t, _ in terms) / sum(w for _, w in terms)
     reported = stages["4"]["metrics"]["best_val_loss"]
-    # an even split has no remainder; an odd one loses one record to the equal-size shards
-    candidates = [total / weight] + (
-        [(total - t) / (weight - w) for t, w in terms] if len(terms) % 2 else []
-    )
-    assert min(abs(c - reported) for c in candidates) < 1e-3 * reported, (reported, candidates)
+    assert abs(expected - reported) < 1e-3 * expected, (reported, expected, len(terms))
 
     # evaluation of the last checkpoint, on the cluster
     driver.run(
