@@ -345,6 +345,8 @@ def test_gradient_checkpointing_switches_keep_the_gradients():
         overrides = [
             f"model.llm.gradient_checkpointing={flag}",
             f"model.fuseformer.gradient_checkpointing={flag}",
+            # the paper's stage-3 set: the Fuseformer trains, so the backward pass reaches it
+            "model.stages.stage3.trainable=[bridge,fuseformer,lora]",
         ]
         cfg = load_config("tiny", overrides).model
         torch.manual_seed(0)
