@@ -28,7 +28,7 @@ from damo.config.data import SyntheticConfig
 from damo.data.synthetic import generate_world
 from damo.storage import Storage, join
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.multinode]
 
 DAMO = str(Path(sys.executable).parent / "damo")
 BUCKET = "s3://damo-multinode"
@@ -125,11 +125,12 @@ def write_config(path: Path, s3_server) -> Path:
                 "cpus_per_worker": 0.5,
                 "placement_strategy": "STRICT_SPREAD",
             },
+            # one epoch each: every validation pass reads the whole split on both workers
             "stages": {
-                "stage1": {"max_steps": 3, "batch_size": 4, "log_every": 1},
-                "stage2": {"max_steps": 3, "batch_size": 4, "log_every": 1},
+                "stage1": {"epochs": 1, "max_steps": 3, "batch_size": 4, "log_every": 1},
+                "stage2": {"epochs": 1, "max_steps": 3, "batch_size": 4, "log_every": 1},
                 "stage3": {"epochs": 1, "batch_size": 2, "log_every": 2, "checkpoint_every": 2},
-                "stage4": {"max_steps": 3, "batch_size": 4, "log_every": 1},
+                "stage4": {"epochs": 1, "max_steps": 3, "batch_size": 4, "log_every": 1},
             },
         },
     }
@@ -276,6 +277,7 @@ def test_pipeline_on_two_nodes_with_s3_as_the_only_shared_storage(
             ),
             "a stage-3 checkpoint",
             first,
+            timeout_s=1800,  # stages 1 and 2 come first
         )
         os.kill(first.pid, signal.SIGKILL)
     finally:
