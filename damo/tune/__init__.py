@@ -1,0 +1,1 @@
+"""Hyper-parameter search with Ray Tune: search spaces over dotted config paths."""
