@@ -292,8 +292,10 @@ def _check_value(where: str, path: str, value: Any, base_data: dict[str, Any]) -
         first = err.errors()[0]
         loc = tuple(first["loc"])
         if loc[: len(keys)] == tuple(keys):
-            allowed = describe_allowed(tuple(keys)) or first["msg"]
-            reason = allowed if allowed == first["msg"] else f"{allowed}; {first['msg']}"
+            allowed = describe_allowed(tuple(keys))
+            # a field validator's own words say more than the field's type and bounds
+            custom = first["type"] == "value_error" or not allowed
+            reason = f"{allowed}; {first['msg']}" if custom and allowed else allowed or first["msg"]
             raise SpaceError(f"{where}: value {value!r} is not allowed ({reason})") from None
         # a check across fields (a model validator) failed somewhere else
         dotted = ".".join(str(part) for part in loc) or "the config"
