@@ -407,7 +407,9 @@ ERRORS = [
 ]
 
 
-@pytest.mark.parametrize(("text", "parameter", "fragments"), ERRORS)
+@pytest.mark.parametrize(
+    ("text", "parameter", "fragments"), ERRORS, ids=[case[2][0][:40] for case in ERRORS]
+)
 def test_a_bad_space_names_the_file_the_parameter_and_what_is_allowed(
     tmp_path, text, parameter, fragments
 ):
