@@ -131,7 +131,7 @@ def test_storage_up_status_down(tmp_path):
     assert status.returncode == 1 and "not running" in status.stdout
 
 
-@pytest.mark.parametrize("job", ["extract", "train"])
+@pytest.mark.parametrize("job", ["extract", "train", "tune"])
 def test_job_scripts_are_the_cli(job):
     from conftest import REPO_ROOT
 

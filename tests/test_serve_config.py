@@ -57,13 +57,16 @@ def test_min_above_max_replicas_is_refused():
         load_config("tiny", ["serve.model.autoscaling.min_replicas=3"])
 
 
-def test_serve_command_help_and_best_without_registry():
+def test_serve_command_help_and_best_without_registry(tmp_path):
     runner = CliRunner()
     shown = runner.invoke(app, ["serve", "--help"])
     assert shown.exit_code == 0 and "--checkpoint" in shown.output
-    refused = runner.invoke(app, ["serve", "--checkpoint", "best", "--config", "tiny"])
+    registry = f"tune.registry={tmp_path / 'registry'}"
+    refused = runner.invoke(
+        app, ["serve", "--checkpoint", "best", "--config", "tiny", "--set", registry]
+    )
     assert refused.exit_code == 2
-    assert "no tuning registry" in refused.output
+    assert "no registry entry for any sweep" in refused.output
 
 
 def test_platform_has_no_python_package():

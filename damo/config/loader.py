@@ -201,6 +201,22 @@ def load_config(
         raise ConfigError(_format_validation_error(err, source, applied)) from None
 
 
+def with_overrides(cfg: DamoConfig, overrides: list[str] | tuple[str, ...]) -> DamoConfig:
+    """A validated copy of a loaded config with dotted overrides applied (secrets kept)."""
+    from damo.config.schema import REVEAL_SECRETS
+
+    data = cfg.model_dump(mode="json", context={REVEAL_SECRETS: True})
+    applied: dict[str, str] = {}
+    for text in overrides:
+        keys, value = parse_override(text)
+        _apply_override(data, keys, value, text)
+        applied[".".join(keys)] = text
+    try:
+        return DamoConfig.model_validate(data)
+    except ValidationError as err:
+        raise ConfigError(_format_validation_error(err, "(with overrides)", applied)) from None
+
+
 def config_to_yaml(config: BaseModel) -> str:
     return yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False)
 

@@ -103,6 +103,7 @@ from damo.config.data import DataConfig  # noqa: E402  (data.py builds on Sectio
 from damo.config.model import ModelConfig  # noqa: E402  (model.py builds on Section above)
 from damo.config.serve import ServeConfig  # noqa: E402  (serve.py builds on Section above)
 from damo.config.train import TrainConfig  # noqa: E402  (train.py builds on Section above)
+from damo.config.tune import TuneConfig  # noqa: E402  (tune.py builds on Section above)
 
 
 class DamoConfig(Section):
@@ -115,6 +116,7 @@ class DamoConfig(Section):
     data: DataConfig = DataConfig()
     model: ModelConfig = ModelConfig()
     train: TrainConfig = TrainConfig()
+    tune: TuneConfig = TuneConfig()
     serve: ServeConfig = ServeConfig()
 
     @model_validator(mode="after")

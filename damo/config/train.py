@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from damo.config.model import Component
 from damo.config.schema import Section
@@ -51,6 +51,22 @@ class StageTrainConfig(Section):
     checkpoint_every: int | None = Field(
         default=None, ge=1, description="Optimiser steps between checkpoints (and epoch ends)."
     )
+    val_grounding: bool = Field(
+        default=False,
+        description="At each epoch end also answer the validation split's grounding records "
+        "(greedy) and report val_grounding_miou (%); LM stages only. Tune turns it on.",
+    )
+    checkpoint_metric: Literal["val_loss", "val_grounding_miou"] = Field(
+        default="val_loss",
+        description="Which epoch's checkpoint the stage keeps as its result: the lowest "
+        "val_loss or the highest val_grounding_miou (needs val_grounding).",
+    )
+
+    @model_validator(mode="after")
+    def _metric_is_measured(self) -> StageTrainConfig:
+        if self.checkpoint_metric == "val_grounding_miou" and not self.val_grounding:
+            raise ValueError("checkpoint_metric val_grounding_miou needs val_grounding: true")
+        return self
 
 
 # Paper (DESIGN §4): epochs 4 / ? / 2 / 2, batch 40 / 8 / 8 / 8.

@@ -577,8 +577,11 @@ def _uri_of(output_uri: str, path: str) -> str:
     return path if "://" not in output_uri else f"{output_uri.split('://', 1)[0]}://{path}"
 
 
-def connect_ray(cfg: DamoConfig) -> None:
-    """Join the cluster of `ray.address`, or start a local one sized by the `ray` section."""
+def connect_ray(cfg: DamoConfig, log_to_driver: bool = True) -> None:
+    """Join the cluster of `ray.address`, or start a local one sized by the `ray` section.
+
+    `log_to_driver=False` keeps workers' output in Ray's log files, for commands that draw
+    their own progress."""
     import ray
 
     if ray.is_initialized():
@@ -595,6 +598,7 @@ def connect_ray(cfg: DamoConfig) -> None:
         address=ray_cfg.address,
         num_cpus=ray_cfg.num_cpus if local else None,
         object_store_memory=memory * 1024 * 1024 if memory and local else None,
+        log_to_driver=log_to_driver,
     )
 
 

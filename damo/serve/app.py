@@ -66,9 +66,10 @@ class FeaturizerDeployment:
 @serve.deployment(name="model")
 class ModelReplica:
     def __init__(self, cfg: DamoConfig, checkpoint_uri: str):
-        from damo.serve.local import resolve_checkpoint
+        from damo.train.registry import resolve_checkpoint
 
-        checkpoint_uri = resolve_checkpoint(checkpoint_uri)
+        # `best` is resolved here, by each replica: a redeploy serves the latest best trial
+        checkpoint_uri = resolve_checkpoint(checkpoint_uri, cfg)
         self.answerer = Answerer(cfg, checkpoint_uri, max(1, int(cfg.serve.model.num_cpus)))
         self.answer.set_max_batch_size(cfg.serve.batching.max_batch_size)
         self.answer.set_batch_wait_timeout_s(cfg.serve.batching.batch_wait_timeout_s)

@@ -8,23 +8,11 @@ from pydantic import SecretStr
 
 from damo.config import DamoConfig
 
-BEST = "best"
-
 
 def free_port(host: str = "127.0.0.1") -> int:
     with socket.socket() as sock:
         sock.bind((host, 0))
         return sock.getsockname()[1]
-
-
-def resolve_checkpoint(checkpoint: str) -> str:
-    """A checkpoint URI as given; `best` needs the tuning registry, which does not exist yet."""
-    if checkpoint == BEST:
-        raise ValueError(
-            "'best' names the best tuning trial, but this installation has no tuning registry "
-            "yet: pass a checkpoint URI (e.g. s3://damo/runs/r1/stage4/checkpoint_000001)"
-        )
-    return checkpoint
 
 
 def start(cfg: DamoConfig, checkpoint: str, token: SecretStr | None = None) -> str:
@@ -34,7 +22,7 @@ def start(cfg: DamoConfig, checkpoint: str, token: SecretStr | None = None) -> s
     from damo.serve.app import build_app
 
     port = cfg.serve.port or free_port(cfg.serve.host)
-    app = build_app(cfg, resolve_checkpoint(checkpoint), token)
+    app = build_app(cfg, checkpoint, token)
     serve.start(http_options={"host": cfg.serve.host, "port": port})
     serve.run(app, name=cfg.serve.app_name, route_prefix="/", blocking=False)
     host = "127.0.0.1" if cfg.serve.host in ("0.0.0.0", "::") else cfg.serve.host

@@ -28,7 +28,9 @@ from pathlib import Path
 import torch
 
 from damo.config import DamoConfig
-from damo.data.training import StageCollator
+from damo.data.training import StageCollator, video_tensors
+from damo.eval.metrics import grounding_metrics
+from damo.eval.parse import parse_span
 from damo.model.checkpoint import load_weights, save_checkpoint
 from damo.model.damo import DamoModel
 from damo.storage import Storage, join
@@ -36,6 +38,7 @@ from damo.train.stages import StageSpec, stage_spec
 
 MODEL_DIR = "model"
 TRAIN_STATE = "train_state.pt"
+GROUNDING_ANSWER_TOKENS = 24  # as `damo eval run`'s default --max-new-tokens
 
 
 def warmup_cosine(total_steps: int, warmup_ratio: float, min_lr_ratio: float):
@@ -214,6 +217,7 @@ def train_loop_per_worker(config: dict) -> None:
     )
     epoch_datasets = list(config["train_datasets"])
     val_shard = ray.train.get_dataset_shard("val")
+    grounding_shard = ray.train.get_dataset_shard("val_grounding") if spec.val_grounding else None
     batches_per_epoch = int(config["batches_per_epoch"])
     logger = StageLogger(storage, config["run_uri"], stage, enabled=rank == 0)
     ids_log = None
@@ -248,6 +252,32 @@ def train_loop_per_worker(config: dict) -> None:
             torch.distributed.all_reduce(count)
         model.train()
         return float(total / count.clamp(min=1))
+
+    def validate_grounding() -> float:
+        """mIoU (%) of greedy answers to the validation split's grounding records, scored as
+        `damo eval run` scores them. Rank 0 answers all of them (generating needs no collective
+        op); the others wait for its number."""
+        from damo.model.video import VideoFeatures
+
+        miou = torch.zeros((), device=device)
+        if rank == 0:
+            model.eval()
+            predicted, truth = [], []
+            with torch.no_grad(), autocast:
+                for rows in grounding_shard.iter_batches(
+                    batch_size=spec.batch_size, batch_format="numpy"
+                ):
+                    video = VideoFeatures.from_batch(video_tensors(rows))
+                    prompts = [json.loads(str(c))[0]["content"] for c in rows["conversation"]]
+                    answers = model.generate(video, prompts, GROUNDING_ANSWER_TOKENS)
+                    durations = [float(d) for d in rows["duration"]]
+                    predicted += [parse_span(a, d) for a, d in zip(answers, durations, strict=True)]
+                    truth += [tuple(json.loads(str(s))[0]) for s in rows["spans"]]
+            miou += grounding_metrics(predicted, truth)["mIoU"]
+            model.train()
+        if world > 1:
+            torch.distributed.all_reduce(miou)
+        return float(miou)
 
     def report(metrics: dict, with_checkpoint: bool) -> None:
         metrics = {"stage": stage, **position, **metrics}
@@ -333,14 +363,17 @@ def train_loop_per_worker(config: dict) -> None:
         # the epoch is over, or the step budget ran out and the stage with it
         position["epoch"] += 1
         position["epoch_rows"] = 0
-        val_loss = validate()
+        metrics = {"val_loss": validate(), "lr": scheduler.get_last_lr()[0]}
+        if spec.val_grounding:
+            metrics["val_grounding_miou"] = validate_grounding()
         if rank == 0:
+            miou = metrics.get("val_grounding_miou")
             print(
                 f"{label} epoch {position['epoch']}/{spec.epochs} step {position['step']}/"
-                f"{total_steps} val_loss {val_loss:.4f}",
+                f"{total_steps} val_loss {metrics['val_loss']:.4f}"
+                + (f" val_grounding_miou {miou:.2f}" if miou is not None else ""),
                 flush=True,
             )
-        metrics = {"val_loss": val_loss, "lr": scheduler.get_last_lr()[0]}
         if seen:
             metrics["train_loss"] = running / seen
         report(metrics, with_checkpoint=True)

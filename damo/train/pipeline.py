@@ -115,7 +115,7 @@ def write_manifest(storage: Storage, run: str, manifest: dict) -> None:
     storage.write_bytes(join(run, MANIFEST), json.dumps(manifest, indent=2).encode())
 
 
-def _storage_uri(run: str, path: str) -> str:
+def storage_uri(run: str, path: str) -> str:
     """A path inside the run's filesystem (as Ray reports it) -> a URI for `Storage`."""
     return f"s3://{path}" if parse_uri(run).scheme == "s3" else path
 
@@ -127,8 +127,10 @@ def fit_stage(
     run_id: str,
     init_checkpoint: str | None,
     storage: Storage,
+    callbacks: list | None = None,
 ):
-    """Run one stage's TorchTrainer; return (result, rows, total_steps)."""
+    """Run one stage's TorchTrainer; return (result, rows, total_steps). `callbacks` are Ray
+    Train callbacks (Tune passes the one that reports to it)."""
     from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
@@ -147,6 +149,15 @@ def fit_stage(
                 f"feature config and {report.duplicate_rows} older duplicates"
             )
         matched[name] = report.matched
+        if name == "val" and spec.val_grounding:  # answered and scored at each epoch end
+            datasets["val_grounding"], grounding = training_dataset(
+                data.features, records, ("grounding",), storage, feature_hash
+            )
+            if not grounding.matched:
+                raise TrainError(
+                    f"stage {stage}: val_grounding is on, but no {split} grounding record has "
+                    f"features (config {feature_hash}) under {data.features}"
+                )
         if report.unmatched:
             print(
                 f"warning: stage {stage} {name}: {report.unmatched} of {report.records} "
@@ -203,6 +214,7 @@ def fit_stage(
             storage_filesystem=fs,
             failure_config=FailureConfig(max_failures=scaling.max_failures),
             checkpoint_config=CheckpointConfig(num_to_keep=None),
+            callbacks=callbacks,
         ),
         datasets=datasets,
         # the validation split is not cut into shards: every rank validates all of it (the
@@ -213,13 +225,15 @@ def fit_stage(
     return trainer.fit(), matched, total_steps
 
 
-def best_checkpoint(result, run: str) -> tuple[str, dict]:
-    """The checkpoint with the lowest validation loss, as a URI, and its metrics."""
-    scored = [(c, m) for c, m in result.best_checkpoints if m.get("val_loss") is not None]
+def best_checkpoint(result, run: str, metric: str = "val_loss") -> tuple[str, dict]:
+    """The checkpoint with the best `metric` (lowest val_loss, highest val_grounding_miou), as
+    a URI, and its metrics."""
+    scored = [(c, m) for c, m in result.best_checkpoints if m.get(metric) is not None]
     if not scored:
-        raise TrainError("the stage reported no checkpoint with a validation loss")
-    checkpoint, metrics = min(scored, key=lambda pair: pair[1]["val_loss"])
-    return _storage_uri(run, checkpoint.path), metrics
+        raise TrainError(f"the stage reported no checkpoint with {metric}")
+    sign = 1 if metric == "val_loss" else -1
+    checkpoint, metrics = min(scored, key=lambda pair: sign * pair[1][metric])
+    return storage_uri(run, checkpoint.path), metrics
 
 
 def read_stage_metrics(storage: Storage, run: str, stage: int) -> list[dict]:
@@ -268,9 +282,11 @@ def train_pipeline(
     init_checkpoint: str | None = None,
     storage: Storage | None = None,
     log=print,
+    callbacks: dict[int, list] | None = None,
 ) -> dict:
     """Train `stages` in order, each from the previous one's best checkpoint; return the
-    manifest. Finished stages of an existing run are skipped, not redone."""
+    manifest. Finished stages of an existing run are skipped, not redone. `callbacks` maps a
+    stage to the Ray Train callbacks of its trainer."""
     storage = storage or Storage(cfg.storage.s3)
     stages = tuple(sorted(set(stages)))
     if not stages or not set(stages) <= {1, 2, 3, 4}:
@@ -316,10 +332,14 @@ def train_pipeline(
         write_manifest(storage, run, manifest)
         log(f"stage {stage} ({STAGE_NAMES[stage]}) starting")
         try:
-            result, rows, total_steps = fit_stage(cfg, stage, run, run_id, previous, storage)
+            result, rows, total_steps = fit_stage(
+                cfg, stage, run, run_id, previous, storage, (callbacks or {}).get(stage)
+            )
             if result.error is not None:
                 raise StageFailed(result.error)
-            checkpoint, best = best_checkpoint(result, run)
+            checkpoint, best = best_checkpoint(
+                result, run, stage_spec(cfg, stage).checkpoint_metric
+            )
         except BaseException as err:  # noqa: BLE001  recorded, then raised on
             cause = err.error if isinstance(err, StageFailed) else err
             entry.update(
@@ -337,6 +357,7 @@ def train_pipeline(
             raise  # KeyboardInterrupt, SystemExit: recorded, then as they were
         history = read_stage_metrics(storage, run, stage)
         val = [r["val_loss"] for r in history if r.get("val_loss") is not None]
+        miou = [r["val_grounding_miou"] for r in history if "val_grounding_miou" in r]
         entry.update(
             status="finished",
             checkpoint=checkpoint,
@@ -344,7 +365,8 @@ def train_pipeline(
             wall_s=round(time.monotonic() - started, 1),
             metrics={
                 "first_val_loss": val[0] if val else None,
-                "best_val_loss": best["val_loss"],
+                "best_val_loss": best["val_loss"],  # the kept checkpoint's
+                **({"best_val_grounding_miou": max(miou)} if miou else {}),
                 "final_val_loss": val[-1] if val else None,
                 "steps": total_steps,
                 "train_rows": rows["train"],

@@ -38,11 +38,18 @@ class StageSpec:
     max_steps: int | None
     log_every: int
     checkpoint_every: int | None
+    val_grounding: bool = False
+    checkpoint_metric: str = "val_loss"
 
 
 def stage_spec(cfg: DamoConfig, stage: int) -> StageSpec:
     model_stage = cfg.model.stages.get(stage)
     recipe = cfg.train.stages.get(stage)
+    if recipe.val_grounding and model_stage.objective != "lm":
+        raise ValueError(
+            f"train.stages.stage{stage}.val_grounding needs an LM stage: stage {stage}'s "
+            f"objective is {model_stage.objective} (no answers to score)"
+        )
     heads = cfg.model.heads
     weights = (
         {"vtc": heads.vtc_weight, "vtm": heads.vtm_weight, "vtg": heads.vtg_weight}
@@ -64,4 +71,6 @@ def stage_spec(cfg: DamoConfig, stage: int) -> StageSpec:
         max_steps=recipe.max_steps,
         log_every=recipe.log_every,
         checkpoint_every=recipe.checkpoint_every,
+        val_grounding=recipe.val_grounding,
+        checkpoint_metric=recipe.checkpoint_metric,
     )

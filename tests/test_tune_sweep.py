@@ -1,0 +1,227 @@
+"""A real sweep, as a user runs it: `damo tune` in a subprocess (its own Ray cluster, dashboard
+on), sweep state and the registry on the session's S3 server.
+
+Four grid trials train stage 3 from a given checkpoint for three short epochs. Their order is
+the grid's: a good learning rate first, then a broken LoRA target (the trial fails, is
+recorded, and the sweep goes on), then a learning rate too small to learn (ASHA stops it after
+its first epoch, behind the first trial), then another broken one. The driver is killed by PID
+once the first trial has finished; the same command resumes the sweep without retraining it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import csv
+import io
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+from conftest import tiny_config
+
+from damo.model.checkpoint import save_checkpoint
+from damo.model.damo import DamoModel
+from damo.storage import Storage
+
+DAMO = str(Path(sys.executable).parent / "damo")
+pytestmark = pytest.mark.slow
+SWEEP = "ci-sweep"
+
+SPACE = {
+    "description": "stage-3 learning rate x LoRA targets (one of them absent: those trials fail)",
+    "grid": True,
+    "parameters": {
+        "train.stages.stage3.optimizer.lr": {"values": [3.0e-3, 1.0e-7]},
+        "model.llm.lora.target_modules": {"values": [["q_proj", "v_proj"], ["no_such_module"]]},
+    },
+}
+
+
+@pytest.fixture
+def sweep_setup(tiny_backbones, tiny_world, tiny_features, s3_server, tmp_path):
+    storage = Storage(s3_server.s3_config())
+    bucket = f"s3://damo-tune-{int(time.time())}"
+    storage.ensure_bucket(bucket)
+    # the trials' starting point: the tiny model before training (stage 3 needs a checkpoint)
+    init = tmp_path / "init"
+    save_checkpoint(
+        DamoModel.from_config(tiny_config(tiny_backbones).model), init / "model", stage=2
+    )
+    config = {
+        "base": "tiny",
+        "model": {
+            name: {"path": str(tiny_backbones / name)}
+            for name in ("vision", "audio", "text_encoder", "llm")
+        },
+        # S3 comes from the environment (endpoint and keys), as on a cluster
+        "ray": {"num_cpus": 2, "object_store_memory_mb": 256},
+        "train": {
+            "runs_root": f"{bucket}/runs",
+            "data": {"features": str(tiny_features), "records": str(tiny_world / "records")},
+            "scaling": {"cpus_per_worker": 0.5},
+            "stages": {"stage3": {"epochs": 3, "batch_size": 8, "log_every": 50}},
+        },
+        "tune": {
+            "sweeps_root": f"{bucket}/sweeps",
+            "registry": f"{bucket}/registry",
+            "init_checkpoint": str(init),
+            # a 12-clip world's validation split has one grounding record: its mIoU can tie at
+            # 0 between trials, while the validation loss always orders them
+            "metric": "val_loss",
+            "mode": "min",
+            "trial_cpus": 0.5,
+            "max_failures": 0,
+            "asha": {"grace_period": 1, "reduction_factor": 2},
+        },
+    }
+    (tmp_path / "sweep.yaml").write_text(yaml.safe_dump(config))
+    (tmp_path / "space.yaml").write_text(yaml.safe_dump(SPACE))
+    env = {
+        **os.environ,
+        **s3_server.env(),
+        "HF_HUB_OFFLINE": "1",
+        "RAY_AUTH_MODE": "disabled",
+        "RAY_DATA_DISABLE_PROGRESS_BARS": "1",
+        "RAY_TMPDIR": str(tmp_path / "ray"),  # its own cluster: never joins another
+        "COLUMNS": "160",
+    }
+    (tmp_path / "ray").mkdir()
+    return tmp_path, bucket, storage, env
+
+
+def start_sweep(workdir: Path, env: dict, log_name: str) -> subprocess.Popen:
+    log = open(workdir / log_name, "ab")  # noqa: SIM115 (the child owns it)
+    command = [DAMO, "tune", "--config", "sweep.yaml", "--space", "space.yaml", "--name", SWEEP]
+    return subprocess.Popen(
+        command,
+        cwd=workdir,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        env=env,
+        start_new_session=True,
+    )
+
+
+def kill_group(proc: subprocess.Popen) -> None:
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait(timeout=60)
+
+
+def trial_manifests(storage: Storage, bucket: str) -> dict[str, dict]:
+    prefix = f"{bucket}/sweeps/{SWEEP}/trials/"
+    manifests = {}
+    for info in storage.list_objects(prefix):
+        if info.uri.endswith("/manifest.json"):
+            manifests[info.uri[len(prefix) :].split("/")[0]] = json.loads(
+                storage.read_bytes(info.uri)
+            )
+    return manifests
+
+
+def finished_trials(storage: Storage, bucket: str) -> list[str]:
+    return sorted(
+        trial
+        for trial, manifest in trial_manifests(storage, bucket).items()
+        if manifest["stages"].get("3", {}).get("status") == "finished"
+    )
+
+
+def test_sweep_stops_early_survives_a_failure_and_a_killed_driver(sweep_setup):
+    workdir, bucket, storage, env = sweep_setup
+    first = start_sweep(workdir, env, "first.log")
+    try:
+        deadline = time.monotonic() + 900
+        while not finished_trials(storage, bucket):
+            assert first.poll() is None, (workdir / "first.log").read_text()[-3000:]
+            assert time.monotonic() < deadline, "no trial finished in 15 minutes"
+            time.sleep(2)
+        time.sleep(3)  # let Tune note the finished trial, as a user's Ctrl-C would come later
+        os.kill(first.pid, signal.SIGKILL)  # the driver, by PID
+    finally:
+        kill_group(first)  # and the local Ray cluster it started
+    done_before = finished_trials(storage, bucket)
+    started_before = {
+        t: trial_manifests(storage, bucket)[t]["stages"]["3"]["started"] for t in done_before
+    }
+
+    second = start_sweep(workdir, env, "second.log")
+    try:
+        code = second.wait(timeout=1200)
+    finally:
+        kill_group(second)
+    log = (workdir / "second.log").read_text(errors="replace")
+    assert code == 0, log[-4000:]
+
+    # the finished trial was kept, not trained again
+    manifests = trial_manifests(storage, bucket)
+    for trial, started in started_before.items():
+        assert manifests[trial]["stages"]["3"]["started"] == started
+        assert manifests[trial]["stages"]["3"]["attempts"] == 1
+
+    sweep = f"{bucket}/sweeps/{SWEEP}"
+    rows = list(csv.DictReader(io.StringIO(storage.read_bytes(f"{sweep}/results.csv").decode())))
+    assert len(rows) == 4
+    by_params = {
+        (float(r["train.stages.stage3.optimizer.lr"]), r["model.llm.lora.target_modules"]): r
+        for r in rows
+    }
+    good = by_params[(3.0e-3, str(["q_proj", "v_proj"]))]
+    slow = by_params[(1.0e-7, str(["q_proj", "v_proj"]))]
+    broken = [r for (_, targets), r in by_params.items() if "no_such_module" in targets]
+    assert good["status"] == "finished" and good["epochs"] == "3", good
+    assert slow["status"] == "stopped early" and int(slow["epochs"]) < 3, slow
+    assert all(r["status"] == "failed" and "no_such_module" in r["error"] for r in broken)
+    assert float(good["best_val_loss"]) < float(slow["best_val_loss"])
+    assert "stopped early" in log and "failed" in log  # the live table's lines
+
+    for name in ("results.md", "curves.png"):
+        assert storage.exists(f"{sweep}/{name}"), name
+
+    # the registry's best is the good trial's best epoch, and evaluation takes `best`
+    best = json.loads(storage.read_bytes(f"{bucket}/registry/best.json"))
+    assert best["sweep"] == SWEEP and best["trial_id"] == good["trial_id"]
+    assert best["checkpoint"] == good["checkpoint"] and best["checkpoint"].startswith("s3://")
+    assert best["config"]["train"]["stages"]["stage3"]["optimizer"]["lr"] == 3.0e-3
+    assert best["code_version"]
+    shown = subprocess.run(
+        [DAMO, "tune", "best", SWEEP, "--config", "sweep.yaml"],
+        cwd=workdir,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert shown.returncode == 0 and best["checkpoint"] in shown.stdout, shown.stderr
+    evaluated = subprocess.run(
+        [
+            DAMO,
+            "eval",
+            "run",
+            "--config",
+            "sweep.yaml",
+            "--checkpoint",
+            "best",
+            "--split",
+            "val",
+            "--out",
+            f"{bucket}/eval-best",
+            "--max-new-tokens",
+            "8",
+        ],
+        cwd=workdir,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert evaluated.returncode == 0, evaluated.stdout[-2000:] + evaluated.stderr[-2000:]
+    metrics = json.loads(storage.read_bytes(f"{bucket}/eval-best/metrics.json"))
+    assert metrics["run"]["checkpoint"] == best["checkpoint"]
+    assert metrics["metrics"]["grounding"]["model"]["count"] >= 1
