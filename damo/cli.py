@@ -686,7 +686,7 @@ def tune_command(
     console.print(
         f"sweep [bold]{escape(name)}[/] at {escape(uri)}: stages {','.join(map(str, stages))} "
         f"per trial, {cfg.tune.metric} ({cfg.tune.mode}), {cfg.tune.scheduler}, "
-        f"{cfg.tune.searcher} search",
+        f"{'grid' if loaded.grid else cfg.tune.searcher} search",
         highlight=False,
     )
     connect_ray(cfg, log_to_driver=False)
@@ -714,6 +714,7 @@ def tune_command(
         f"best: trial {best['trial_id']} {best['metric']} {best['value']:.3f} "
         f"{best['params']} -> {best['checkpoint']}",
         highlight=False,
+        soft_wrap=True,
     )
 
 

@@ -1,11 +1,12 @@
 """A real sweep, as a user runs it: `damo tune` in a subprocess (its own Ray cluster, dashboard
 on), sweep state and the registry on the session's S3 server.
 
-Four grid trials train stage 3 from a given checkpoint for three short epochs. Their order is
-the grid's: a good learning rate first, then a broken LoRA target (the trial fails, is
-recorded, and the sweep goes on), then a learning rate too small to learn (ASHA stops it after
-its first epoch, behind the first trial), then another broken one. The driver is killed by PID
-once the first trial has finished; the same command resumes the sweep without retraining it.
+Four grid trials train stage 3 from a given checkpoint for two short epochs, in the grid's
+order: a good learning rate; a recipe that trains only the alignment heads, which the LM loss
+never reaches (the trial fails, is recorded, and the sweep goes on); a learning rate too small
+to learn (ASHA stops it after its first epoch, behind the first trial); another broken one.
+The driver is killed by PID once the first trial has finished; the same command resumes the
+sweep without retraining it.
 """
 
 from __future__ import annotations
@@ -15,9 +16,11 @@ import csv
 import io
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -34,17 +37,25 @@ pytestmark = pytest.mark.slow
 SWEEP = "ci-sweep"
 
 SPACE = {
-    "description": "stage-3 learning rate x LoRA targets (one of them absent: those trials fail)",
+    "description": "stage-3 learning rate x what stage 3 trains (the heads alone: the LM loss "
+    "reaches no trained weight, and those trials fail)",
     "grid": True,
     "parameters": {
         "train.stages.stage3.optimizer.lr": {"values": [3.0e-3, 1.0e-7]},
-        "model.llm.lora.target_modules": {"values": [["q_proj", "v_proj"], ["no_such_module"]]},
+        "model.stages.stage3.trainable": {"values": [["bridge", "lora"], ["heads"]]},
     },
 }
 
 
 @pytest.fixture
-def sweep_setup(tiny_backbones, tiny_world, tiny_features, s3_server, tmp_path):
+def ray_tmp():
+    directory = tempfile.mkdtemp(prefix="rt-", dir="/tmp")
+    yield directory
+    shutil.rmtree(directory, ignore_errors=True)
+
+
+@pytest.fixture
+def sweep_setup(tiny_backbones, tiny_world, tiny_features, s3_server, tmp_path, ray_tmp):
     storage = Storage(s3_server.s3_config())
     bucket = f"s3://damo-tune-{int(time.time())}"
     storage.ensure_bucket(bucket)
@@ -65,7 +76,7 @@ def sweep_setup(tiny_backbones, tiny_world, tiny_features, s3_server, tmp_path):
             "runs_root": f"{bucket}/runs",
             "data": {"features": str(tiny_features), "records": str(tiny_world / "records")},
             "scaling": {"cpus_per_worker": 0.5},
-            "stages": {"stage3": {"epochs": 3, "batch_size": 8, "log_every": 50}},
+            "stages": {"stage3": {"epochs": 2, "batch_size": 8, "log_every": 50}},
         },
         "tune": {
             "sweeps_root": f"{bucket}/sweeps",
@@ -88,10 +99,10 @@ def sweep_setup(tiny_backbones, tiny_world, tiny_features, s3_server, tmp_path):
         "HF_HUB_OFFLINE": "1",
         "RAY_AUTH_MODE": "disabled",
         "RAY_DATA_DISABLE_PROGRESS_BARS": "1",
-        "RAY_TMPDIR": str(tmp_path / "ray"),  # its own cluster: never joins another
+        # its own cluster, never joining another; short, for Ray's 107-byte socket paths
+        "RAY_TMPDIR": ray_tmp,
         "COLUMNS": "160",
     }
-    (tmp_path / "ray").mkdir()
     return tmp_path, bucket, storage, env
 
 
@@ -133,6 +144,7 @@ def finished_trials(storage: Storage, bucket: str) -> list[str]:
     )
 
 
+@pytest.mark.timeout(1500)  # two sweeps' Ray clusters, four trials, evaluation: ~9 min idle
 def test_sweep_stops_early_survives_a_failure_and_a_killed_driver(sweep_setup):
     workdir, bucket, storage, env = sweep_setup
     first = start_sweep(workdir, env, "first.log")
@@ -169,17 +181,21 @@ def test_sweep_stops_early_survives_a_failure_and_a_killed_driver(sweep_setup):
     rows = list(csv.DictReader(io.StringIO(storage.read_bytes(f"{sweep}/results.csv").decode())))
     assert len(rows) == 4
     by_params = {
-        (float(r["train.stages.stage3.optimizer.lr"]), r["model.llm.lora.target_modules"]): r
+        (float(r["train.stages.stage3.optimizer.lr"]), r["model.stages.stage3.trainable"]): r
         for r in rows
     }
-    good = by_params[(3.0e-3, str(["q_proj", "v_proj"]))]
-    slow = by_params[(1.0e-7, str(["q_proj", "v_proj"]))]
-    broken = [r for (_, targets), r in by_params.items() if "no_such_module" in targets]
-    assert good["status"] == "finished" and good["epochs"] == "3", good
-    assert slow["status"] == "stopped early" and int(slow["epochs"]) < 3, slow
-    assert all(r["status"] == "failed" and "no_such_module" in r["error"] for r in broken)
+    good = by_params[(3.0e-3, str(["bridge", "lora"]))]
+    slow = by_params[(1.0e-7, str(["bridge", "lora"]))]
+    broken = [r for (_, trained), r in by_params.items() if "heads" in trained]
+    assert good["status"] == "finished" and good["epochs"] == "2", good
+    assert slow["status"] == "stopped early" and slow["epochs"] == "1", slow
+    assert len(broken) == 2
+    assert all(r["status"] == "failed" and "empty parameter list" in r["error"] for r in broken)
     assert float(good["best_val_loss"]) < float(slow["best_val_loss"])
     assert "stopped early" in log and "failed" in log  # the live table's lines
+    # the stopped trial's run says so (the scheduler killed it inside stage 3)
+    stopped = trial_manifests(storage, bucket)[slow["trial_id"]]["stages"]["3"]
+    assert stopped["status"] == "stopped" and "ASHA" in stopped["note"], stopped
 
     for name in ("results.md", "curves.png"):
         assert storage.exists(f"{sweep}/{name}"), name

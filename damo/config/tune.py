@@ -18,7 +18,9 @@ class AshaConfig(Section):
     """ASHA's rungs count validation epochs of the trial's last stage (one Tune iteration each)."""
 
     grace_period: int = Field(default=1, ge=1, description="Epochs before a trial can stop.")
-    reduction_factor: float = Field(default=2.0, gt=1, description="Keep 1/rf at each rung.")
+    reduction_factor: float = Field(
+        default=3.0, gt=1, description="Keep the best 1/rf at each rung (Hyperband's eta)."
+    )
 
 
 class TuneConfig(Section):

@@ -56,6 +56,10 @@ def trial_rows(cfg: DamoConfig, space: SearchSpace, grid, run_root: str) -> list
                 f"best_{metric}": None if best is None else float(best[metric]),
                 "best_epoch": None if best is None else int(best["training_iteration"]),
                 f"last_{metric}": float(reports[-1][metric]) if reports else None,
+                # the grounding mIoU at that epoch, whatever the sweep optimises
+                "miou_at_best": float(best["val_grounding_miou"])
+                if best is not None and best.get("val_grounding_miou") is not None
+                else None,
                 "checkpoint": storage_uri(run_root, best[CHECKPOINT_KEY])
                 if best is not None and best.get(CHECKPOINT_KEY)
                 else None,
@@ -64,6 +68,27 @@ def trial_rows(cfg: DamoConfig, space: SearchSpace, grid, run_root: str) -> list
             }
         )
     return sorted(rows, key=lambda r: r["trial_id"])
+
+
+def mark_stopped_runs(cfg: DamoConfig, rows: list[dict], storage: Storage) -> None:
+    """A trial that the scheduler stopped was killed inside its last stage: its run's manifest
+    says "stopped" there instead of "running" forever."""
+    from damo.train.pipeline import read_manifest, run_uri, write_manifest
+
+    stage = str(cfg.tune.last_stage)
+    for row in rows:
+        if row["status"] != "stopped early":
+            continue
+        run = run_uri(cfg, row["trial_id"])
+        manifest = read_manifest(storage, run)
+        entry = (manifest or {"stages": {}})["stages"].get(stage)
+        if entry and entry.get("status") == "running":
+            entry.update(
+                status="stopped",
+                note=f"stopped early by the {cfg.tune.scheduler.upper()} scheduler after "
+                f"{row['epochs']} epoch(s); best checkpoint {row['checkpoint']}",
+            )
+            write_manifest(storage, run, manifest)
 
 
 def best_row(cfg: DamoConfig, rows: list[dict]) -> dict | None:
@@ -83,6 +108,7 @@ def table_columns(cfg: DamoConfig, space: SearchSpace) -> list[str]:
         f"best_{metric}",
         "best_epoch",
         f"last_{metric}",
+        "miou_at_best",
         "checkpoint",
         "error",
     ]
@@ -206,6 +232,7 @@ def write_results(
     from damo.tune.trial import trial_config
 
     rows = trial_rows(cfg, space, grid, uri)
+    mark_stopped_runs(trial_config(cfg, {}, uri), rows, storage)
     columns = table_columns(cfg, space)
     best = best_row(cfg, rows)
     files = {"csv": join(uri, "results.csv"), "markdown": join(uri, "results.md")}

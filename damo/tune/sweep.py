@@ -73,6 +73,9 @@ def make_scheduler(cfg: DamoConfig):
         max_t=last_stage_epochs(cfg),
         grace_period=min(cfg.tune.asha.grace_period, last_stage_epochs(cfg)),
         reduction_factor=cfg.tune.asha.reduction_factor,
+        # a trial at its last epoch ends by itself: stopping it there would kill the trial
+        # before its run records the stage as finished
+        stop_last_trials=False,
     )
 
 

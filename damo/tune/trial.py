@@ -81,16 +81,18 @@ def trial_config(base: DamoConfig, params: dict[str, Any], sweep_uri: str) -> Da
 
 
 def epoch_report_callback(metric: str):
-    """Ray Tune's `TuneReportCallback`, forwarding only the reports that carry `metric`.
+    """Ray Tune's `TuneReportCallback`, forwarding only the epoch ends: the reports with a
+    checkpoint and `metric`.
 
-    The training loop also reports step-level training losses, which have no validation
-    metric; Tune refuses results without the metric it optimises, and ASHA's rungs should count
-    validated epochs, so one epoch-end report is one Tune iteration."""
+    The training loop also reports step-level training losses (no validation metric: Tune
+    refuses results without the metric it optimises) and the validation loss before the first
+    step (no checkpoint to keep); ASHA's rungs count validated epochs, so one epoch end is one
+    Tune iteration."""
     from ray.tune.integration.ray_train import TuneReportCallback
 
     class EpochReportCallback(TuneReportCallback):
         def after_report(self, run_context, metrics, checkpoint):
-            if metric in metrics[0]:
+            if checkpoint is not None and metric in metrics[0]:
                 super().after_report(run_context, metrics, checkpoint)
 
     return EpochReportCallback()
