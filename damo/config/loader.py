@@ -190,6 +190,14 @@ def load_config(
         path = _resolve_source(name_or_path)
         data = _load_raw(path)
         source = f"'{path}'"
+    return _validate_with_overrides(data, overrides, source)
+
+
+def _validate_with_overrides(
+    data: dict[str, Any], overrides: list[str] | tuple[str, ...], source: str
+) -> DamoConfig:
+    """Apply dotted overrides to a raw config mapping and validate it; errors name the
+    override a bad field came from."""
     applied: dict[str, str] = {}
     for text in overrides:
         keys, value = parse_override(text)
@@ -206,15 +214,7 @@ def with_overrides(cfg: DamoConfig, overrides: list[str] | tuple[str, ...]) -> D
     from damo.config.schema import REVEAL_SECRETS
 
     data = cfg.model_dump(mode="json", context={REVEAL_SECRETS: True})
-    applied: dict[str, str] = {}
-    for text in overrides:
-        keys, value = parse_override(text)
-        _apply_override(data, keys, value, text)
-        applied[".".join(keys)] = text
-    try:
-        return DamoConfig.model_validate(data)
-    except ValidationError as err:
-        raise ConfigError(_format_validation_error(err, "(with overrides)", applied)) from None
+    return _validate_with_overrides(data, overrides, "(with overrides)")
 
 
 def config_to_yaml(config: BaseModel) -> str:
