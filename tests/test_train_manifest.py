@@ -62,6 +62,24 @@ def test_an_interrupted_stage_is_recorded_and_the_interrupt_goes_on(tmp_path, mo
     assert entry["status"] == "failed" and entry["error"] == "KeyboardInterrupt"
 
 
+def test_an_error_while_the_caller_stops_the_run_leaves_the_stage_running(tmp_path, monkeypatch):
+    def fit_stage(*args, **kwargs):
+        raise RuntimeError("the trainer's controller died")  # as when Tune kills a stopped trial
+
+    monkeypatch.setattr(pipeline, "fit_stage", fit_stage)
+    with pytest.raises(RuntimeError):
+        train_pipeline(
+            config(tmp_path), "asha", stages=(1,), log=lambda *_: None, stopping=lambda: True
+        )
+    entry = stage_entry(tmp_path, "asha", 1)
+    assert entry["status"] == "running" and "error" not in entry
+    with pytest.raises(TrainError):  # the same error while nobody stops the run is a failure
+        train_pipeline(
+            config(tmp_path), "asha", stages=(1,), log=lambda *_: None, stopping=lambda: False
+        )
+    assert stage_entry(tmp_path, "asha", 1)["status"] == "failed"
+
+
 def test_one_line_reaches_the_worker_error_behind_ray_trains_wrapper():
     from ray.train.v2.api.exceptions import WorkerGroupError
 

@@ -15,7 +15,7 @@ from damo.config import ConfigError, load_config
 from damo.storage import Storage
 from damo.train.registry import RegistryError, read_entry, resolve_checkpoint, write_entry
 from damo.train.stages import stage_spec
-from damo.tune.results import heatmap_axes
+from damo.tune.results import heatmap_axes, mark_stopped_runs
 from damo.tune.space import load_space
 from damo.tune.trial import SweepError, first_stage, trial_config, trial_stages
 
@@ -134,6 +134,34 @@ def test_the_heat_map_is_depth_against_compression():
     grid = load_space("tune_spaces/fuseformer_grid.yaml")
     assert heatmap_axes(grid) == ("model.fuseformer.depth", "model.residual.visual_compression")
     assert json.loads(json.dumps(grid.grid_size())) == 8
+
+
+def test_only_a_stopped_trials_unfinished_last_stage_is_marked_stopped(cfg, tmp_path):
+    from damo.train.pipeline import read_manifest, run_uri, write_manifest
+
+    trial_cfg = trial_config(cfg, {}, str(tmp_path / "sweep"))
+    storage = Storage()
+    stages = {
+        "slow": {"status": "running"},
+        "torn": {"status": "failed", "error": "ActorDiedError: placement group was removed"},
+        "done": {"status": "finished"},
+        "bad": {"status": "failed", "error": "ValueError: empty parameter list"},
+    }
+    for trial, stage in stages.items():
+        write_manifest(storage, run_uri(trial_cfg, trial), {"stages": {"3": dict(stage)}})
+    rows = [
+        {"trial_id": "slow", "status": "stopped early", "epochs": 1, "checkpoint": "ck/1"},
+        {"trial_id": "torn", "status": "stopped early", "epochs": 3, "checkpoint": "ck/3"},
+        {"trial_id": "done", "status": "finished", "epochs": 2, "checkpoint": "ck/2"},
+        {"trial_id": "bad", "status": "failed", "epochs": 0, "checkpoint": None},
+    ]
+    mark_stopped_runs(trial_cfg, rows, storage)
+    stage3 = {t: read_manifest(storage, run_uri(trial_cfg, t))["stages"]["3"] for t in stages}
+    assert stage3["slow"]["status"] == "stopped" and "error" not in stage3["slow"]
+    assert "ASHA scheduler after 1 epoch(s); best checkpoint ck/1" in stage3["slow"]["note"]
+    assert stage3["torn"]["status"] == "stopped" and "error" not in stage3["torn"]
+    assert "teardown: ActorDiedError" in stage3["torn"]["note"]
+    assert stage3["done"] == stages["done"] and stage3["bad"] == stages["bad"]
 
 
 def test_concurrent_trials_must_leave_a_cpu_for_ray_data():

@@ -195,7 +195,7 @@ def test_sweep_stops_early_survives_a_failure_and_a_killed_driver(sweep_setup):
     assert "stopped early" in log and "failed" in log  # the live table's lines
     # the stopped trial's run says so (the scheduler killed it inside stage 3)
     stopped = trial_manifests(storage, bucket)[slow["trial_id"]]["stages"]["3"]
-    assert stopped["status"] == "stopped" and "ASHA" in stopped["note"], stopped
+    assert stopped["status"] == "stopped" and "ASHA" in stopped["note"], json.dumps(stopped)
 
     for name in ("results.md", "curves.png"):
         assert storage.exists(f"{sweep}/{name}"), name

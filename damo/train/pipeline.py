@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 from damo.config import DamoConfig, config_hash
@@ -283,10 +284,12 @@ def train_pipeline(
     storage: Storage | None = None,
     log=print,
     callbacks: dict[int, list] | None = None,
+    stopping: Callable[[], bool] | None = None,
 ) -> dict:
     """Train `stages` in order, each from the previous one's best checkpoint; return the
     manifest. Finished stages of an existing run are skipped, not redone. `callbacks` maps a
-    stage to the Ray Train callbacks of its trainer."""
+    stage to the Ray Train callbacks of its trainer; `stopping` says whether the caller has
+    begun stopping the run, so that the errors of that teardown are not recorded as failures."""
     storage = storage or Storage(cfg.storage.s3)
     stages = tuple(sorted(set(stages)))
     if not stages or not set(stages) <= {1, 2, 3, 4}:
@@ -341,6 +344,11 @@ def train_pipeline(
                 result, run, stage_spec(cfg, stage).checkpoint_metric
             )
         except BaseException as err:  # noqa: BLE001  recorded, then raised on
+            if stopping is not None and stopping():
+                # the caller stopped the run (Tune ending a trial its scheduler stopped), and this
+                # error is its teardown, not a failure: the stage stays "running" (resumable) and
+                # whoever stopped it says why
+                raise
             cause = err.error if isinstance(err, StageFailed) else err
             entry.update(
                 status="failed",

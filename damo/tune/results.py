@@ -71,8 +71,8 @@ def trial_rows(cfg: DamoConfig, space: SearchSpace, grid, run_root: str) -> list
 
 
 def mark_stopped_runs(cfg: DamoConfig, rows: list[dict], storage: Storage) -> None:
-    """A trial that the scheduler stopped was killed inside its last stage: its run's manifest
-    says "stopped" there instead of "running" forever."""
+    """A trial that the scheduler stopped was ended inside its last stage: its run's manifest
+    says "stopped" there, not "running" forever or "failed"."""
     from damo.train.pipeline import read_manifest, run_uri, write_manifest
 
     stage = str(cfg.tune.last_stage)
@@ -82,11 +82,15 @@ def mark_stopped_runs(cfg: DamoConfig, rows: list[dict], storage: Storage) -> No
         run = run_uri(cfg, row["trial_id"])
         manifest = read_manifest(storage, run)
         entry = (manifest or {"stages": {}})["stages"].get(stage)
-        if entry and entry.get("status") == "running":
+        # "running": the trial's teardown left the stage as it was; "failed": the teardown's
+        # error was recorded before the trial knew it was being stopped (a fallback)
+        if entry and entry.get("status") in ("running", "failed"):
+            teardown = entry.pop("error", None)
             entry.update(
                 status="stopped",
                 note=f"stopped early by the {cfg.tune.scheduler.upper()} scheduler after "
-                f"{row['epochs']} epoch(s); best checkpoint {row['checkpoint']}",
+                f"{row['epochs']} epoch(s); best checkpoint {row['checkpoint']}"
+                + (f" (the stop's teardown: {teardown})" if teardown else ""),
             )
             write_manifest(storage, run, manifest)
 

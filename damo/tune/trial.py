@@ -143,4 +143,19 @@ def run_trial(params: dict[str, Any], base: DamoConfig, sweep_uri: str) -> None:
         stages,
         init,
         callbacks={stages[-1]: [epoch_report_callback(cfg.tune.metric)]},
+        stopping=tune_is_stopping_this_trial,
     )
+
+
+def tune_is_stopping_this_trial() -> bool:
+    """Tune stops a trial by removing its placement group. The trainer's controller lives in
+    that group and dies first, so the stage sees an `ActorDiedError` while the trial actor
+    is still alive: that error is the stop's teardown, not a failure of the stage."""
+    from ray.train._internal.session import get_session
+    from ray.util import get_current_placement_group, placement_group_table
+
+    session = get_session()
+    if session is not None and session.stop_event.is_set():  # a stop through Tune's API
+        return True
+    group = get_current_placement_group()
+    return group is not None and placement_group_table(group).get("state") == "REMOVED"
