@@ -5,10 +5,12 @@ Every sweep runs `damo tune` (the real command, its own local Ray cluster) over
 training stages 1-3 on a short schedule and reporting the validation grounding mIoU per stage-3
 epoch):
   grid      FIFO: every trial trains all its epochs (the full grid)
-  asha      ASHA (grace 1 epoch, reduction factor 2), 1 trial at a time
+  asha      ASHA (grace 1 epoch, reduction factor --reduction-factor), 1 trial at a time
   asha-c2   the same with 2 concurrent trials (each with half the CPUs)
 Compute is counted in trial-iterations (stage-3 epochs trained, over all trials) and in wall
-time. The world, backbones and features are made once under --root.
+time; the machine's 1-minute load average is sampled during each sweep, since wall times on a
+shared machine measure the neighbours too. The world, backbones and features are made once
+under --root.
 """
 
 from __future__ import annotations
@@ -17,8 +19,10 @@ import argparse
 import csv
 import json
 import os
+import statistics
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -33,6 +37,35 @@ def run(command: list[str], log: Path, env: dict, cwd: Path) -> float:
     with log.open("ab") as out:
         subprocess.run(command, check=True, stdout=out, stderr=subprocess.STDOUT, env=env, cwd=cwd)
     return time.monotonic() - started
+
+
+class LoadSampler:
+    """The machine's 1-minute load average every `every` seconds while a sweep runs."""
+
+    def __init__(self, every: float = 15.0):
+        self.every, self.samples = every, []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+
+    def _sample(self) -> None:
+        while not self._stop.wait(self.every):
+            self.samples.append(os.getloadavg()[0])
+
+    def __enter__(self):
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._thread.join()
+
+    def summary(self) -> dict:
+        if not self.samples:
+            return {}
+        return {
+            "median": round(statistics.median(self.samples), 1),
+            "max": round(max(self.samples), 1),
+        }
 
 
 def prepare(root: Path, clips: int, env: dict) -> None:
@@ -89,11 +122,14 @@ def sweep(root: Path, name: str, overrides: list[str], env: dict) -> dict:
     command = [DAMO, "tune", "--config", "bench.yaml", "--space", str(SPACE), "--name", name]
     for override in overrides:
         command += ["--set", override]
-    wall = run(command, root / f"{name}.log", env, root)
+    with LoadSampler() as load:
+        wall = run(command, root / f"{name}.log", env, root)
     rows = list(csv.DictReader((root / "sweeps" / name / "results.csv").open()))
     best = json.loads((root / "sweeps" / name / "best.json").read_text())
+    metric = f"best_{best['metric']}"
     return {
         "wall_s": round(wall, 1),
+        "load_average_1min": load.summary(),
         "trials": len(rows),
         "trial_iterations": sum(int(r["epochs"]) for r in rows),
         "stopped_early": sum(r["status"] == "stopped early" for r in rows),
@@ -106,9 +142,8 @@ def sweep(root: Path, name: str, overrides: list[str], env: dict) -> dict:
                 "compression": r["model.residual.visual_compression"],
                 "status": r["status"],
                 "epochs": int(r["epochs"]),
-                "best": float(r["best_val_grounding_miou"])
-                if r["best_val_grounding_miou"]
-                else None,
+                "best": float(r[metric]) if r[metric] else None,
+                "miou_at_best": float(r["miou_at_best"]) if r["miou_at_best"] else None,
             }
             for r in rows
         ],
@@ -118,8 +153,9 @@ def sweep(root: Path, name: str, overrides: list[str], env: dict) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--root", type=Path, default=Path("/tmp/damo-bench-tune"))
-    parser.add_argument("--clips", type=int, default=24)
-    parser.add_argument("--epochs", type=int, default=4, help="Stage-3 epochs (ASHA's max_t).")
+    parser.add_argument("--clips", type=int, default=12)
+    parser.add_argument("--epochs", type=int, default=9, help="Stage-3 epochs (ASHA's max_t).")
+    parser.add_argument("--reduction-factor", type=float, default=3.0, help="ASHA's eta.")
     parser.add_argument("--stage1-steps", type=int, default=10)
     parser.add_argument("--stage2-steps", type=int, default=4)
     parser.add_argument("--only", nargs="*", default=["grid", "asha", "asha-c2"])
@@ -139,10 +175,12 @@ def main() -> None:
     if args.prepare_only:
         return
     stamp = time.strftime("%H%M%S")
+    asha = [f"tune.asha.reduction_factor={args.reduction_factor}"]
     settings = {
         "grid": ["tune.scheduler=fifo"],
-        "asha": [],
+        "asha": asha,
         "asha-c2": [
+            *asha,
             "tune.max_concurrent_trials=2",
             "tune.trial_cpus=0.25",
             "train.scaling.cpus_per_worker=0.25",
@@ -153,6 +191,7 @@ def main() -> None:
     results["setup"] = {
         "clips": args.clips,
         "stage3_epochs": args.epochs,
+        "asha_reduction_factor": args.reduction_factor,
         "stage1_steps": args.stage1_steps,
         "stage2_steps": args.stage2_steps,
         "machine": f"{os.cpu_count()} CPUs",
