@@ -559,19 +559,21 @@ def data_import(
         val_from_train=val_from_train,
         drop_missing=drop_missing,
     )
-    console.print(f"{report.videos_listed} videos listed under {escape(videos)}", highlight=False)
+    console.print(f"{report.videos_listed} videos listed under {escape(videos)}", soft_wrap=True)
+    kept = "left out" if drop_missing else "kept"
     for item in report.splits:
-        missing = f"{len(item.missing_videos)} videos missing ({item.missing_records} annotations"
-        missing += ", left out)" if drop_missing else ", kept)"
-        example = f": {', '.join(item.missing_videos[:3])}" if item.missing_videos else ""
+        more = ", ..." if len(item.missing_videos) > 3 else ""
+        missing = ", ".join(item.missing_videos[:3]) + more
         console.print(
-            f"{item.split}: {item.records} records, {item.videos} videos, {missing}"
-            f"{escape(example)}",
+            f"{item.split}: {item.records} records, {item.videos} videos; "
+            f"{len(item.missing_videos)} videos not listed ({item.missing_records} annotations "
+            f"{kept})" + (f": {escape(missing)}" if item.missing_videos else ""),
             highlight=False,
+            soft_wrap=True,
         )
     if report.ambiguous_ids:
         console.print(f"{len(report.ambiguous_ids)} video ids listed twice; the first is used")
-    console.print(f"records and import.json under {escape(out)}", highlight=False)
+    console.print(f"records and import.json under {escape(out)}", soft_wrap=True)
 
 
 @data_app.command("probe")

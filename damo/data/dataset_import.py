@@ -231,11 +231,6 @@ def parse_splits(
         for split, uri in files.items()
     }
     if val_from_train is not None:
-        if "train" not in parsed or "val" in parsed:
-            raise DatasetImportError(
-                "a held-out val split needs a train split and no val split of its own "
-                f"(splits: {', '.join(parsed)})"
-            )
         parsed["train"], parsed["val"] = hold_out_val(parsed["train"], val_from_train)
     return parsed
 
@@ -266,6 +261,11 @@ def import_dataset(
     if val_from_train is not None and not 0 < val_from_train < 1:
         raise DatasetImportError(f"the held-out fraction must be in (0, 1), got {val_from_train}")
     files = split_files(fmt, annotations, splits)
+    if val_from_train is not None and ("train" not in files or "val" in files):
+        raise DatasetImportError(
+            "a held-out val split needs a train split and no val split of its own "
+            f"(splits: {', '.join(files)})"
+        )
     lengths = read_durations(durations, storage) if durations else None
     parsed = parse_splits(fmt, files, storage, lengths, val_from_train)
     index, ambiguous = list_videos(storage, videos)
