@@ -47,6 +47,8 @@ LAZY_ERRORS = (
     ("damo.train.registry", "RegistryError"),
     ("damo.tune.trial", "SweepError"),
     ("damo.tune.space", "SpaceError"),
+    ("damo.data.records", "RecordFormatError"),
+    ("damo.data.dataset_import", "DatasetImportError"),
 )
 
 
@@ -494,6 +496,84 @@ def data_synth(
         f"world of {summary.num_clips} clips at {escape(out)} ({summary.rendered} rendered, "
         f"{summary.seconds:.1f}s); records: {records}"
     )
+
+
+@data_app.command("import")
+@friendly_errors
+def data_import(
+    dataset: Annotated[
+        str, typer.Argument(help="Annotation format: charades-sta, qvhighlights or activitynet.")
+    ],
+    videos: Annotated[str, typer.Option(help="Prefix holding the videos, <video id>.<ext>.")],
+    out: Annotated[str, typer.Option(help="Records prefix to write <split>.parquet under.")],
+    annotations: Annotated[
+        str | None,
+        typer.Option(help="Prefix holding the official annotation files (default file names)."),
+    ] = None,
+    split: Annotated[
+        list[str] | None,
+        typer.Option(
+            help="NAME=FILE, repeatable: import only these splits from these files (a bare "
+            "file name is under --annotations), e.g. --split test=val_2.json.",
+        ),
+    ] = None,
+    durations: Annotated[
+        list[str] | None,
+        typer.Option(help="Charades_v1_{train,test}.csv (repeatable): durations for Charades-STA."),
+    ] = None,
+    val_from_train: Annotated[
+        float | None,
+        typer.Option(help="Hold out this fraction of the training videos as split val."),
+    ] = None,
+    drop_missing: Annotated[
+        bool, typer.Option(help="Leave out annotations whose video is not under --videos.")
+    ] = False,
+    config: ConfigName = None,
+    overrides: Overrides = None,
+) -> None:
+    """Turn a dataset's official annotation files into records (<out>/<split>.parquet) whose
+    video URIs point under --videos; report each split's annotations without a video."""
+    from damo.data.dataset_import import dataset_format, import_dataset, split_files
+    from damo.storage import Storage
+
+    files = {}
+    for spec in split or []:
+        name, sep, file = spec.partition("=")
+        if not sep or not name or not file:
+            raise typer.BadParameter(f"'{spec}' is not NAME=FILE", param_hint="--split")
+        files[name] = file
+    cfg = load_config(config, overrides or [])
+    require_allowed_options(cfg, videos=videos, out=out)
+    resolved = split_files(dataset_format(dataset), annotations, files)
+    inputs = {f"split {name}": uri for name, uri in resolved.items()}
+    inputs.update({f"durations {uri}": uri for uri in durations or []})
+    require_allowed_options(cfg, **inputs)
+    report = import_dataset(
+        dataset,
+        videos,
+        out,
+        Storage(cfg.storage.s3),
+        annotations=annotations,
+        splits=files,
+        durations=durations,
+        val_from_train=val_from_train,
+        drop_missing=drop_missing,
+    )
+    console.print(f"{report.videos_listed} videos listed under {escape(videos)}", soft_wrap=True)
+    kept = "left out" if drop_missing else "kept"
+    for item in report.splits:
+        more = ", ..." if len(item.missing_videos) > 3 else ""
+        missing = ", ".join(item.missing_videos[:3]) + more
+        console.print(
+            f"{item.split}: {item.records} records, {item.videos} videos; "
+            f"{len(item.missing_videos)} videos not listed ({item.missing_records} annotations "
+            f"{kept})" + (f": {escape(missing)}" if item.missing_videos else ""),
+            highlight=False,
+            soft_wrap=True,
+        )
+    if report.ambiguous_ids:
+        console.print(f"{len(report.ambiguous_ids)} video ids listed twice; the first is used")
+    console.print(f"records and import.json under {escape(out)}", soft_wrap=True)
 
 
 @data_app.command("probe")

@@ -23,6 +23,7 @@ clipping is dropped (and counted in `extra` as `dropped_spans`).
 
 from __future__ import annotations
 
+import csv
 import io
 import json
 from collections.abc import Iterable
@@ -146,7 +147,13 @@ def records_to_table(records: Iterable[dict[str, Any]]) -> pa.Table:
 
 def write_records(records: Iterable[dict[str, Any]], uri: str, storage: Storage) -> int:
     """Write records as one Parquet file; returns how many."""
-    table = records_to_table(records)
+    return write_table(records_to_table(records), uri, storage)
+
+
+def write_table(table: pa.Table, uri: str, storage: Storage) -> int:
+    """Write a records table as one Parquet object (atomically, as Storage writes); returns
+    its rows. Callers that write several files build every table first, so that a record that
+    does not fit the schema fails before anything is written."""
     buffer = io.BytesIO()
     pq.write_table(table, buffer, compression="zstd")
     storage.write_bytes(uri, buffer.getvalue())
@@ -212,6 +219,24 @@ def read_charades_sta(
     return parse_charades_sta(_read_text(uri, storage), split, name=uri, **kwargs)
 
 
+def parse_charades_durations(text: str, name: str = "Charades_v1.csv") -> dict[str, float]:
+    """Video id -> seconds from Charades' own `Charades_v1_{train,test}.csv` (columns `id` and
+    `length`, among others): the durations Charades-STA's files lack."""
+    reader = csv.DictReader(io.StringIO(text))
+    missing = {"id", "length"} - set(reader.fieldnames or ())
+    if missing:
+        raise RecordFormatError(f"{name}:1: the header lacks {', '.join(sorted(missing))}")
+    durations = {}
+    for row in reader:
+        try:
+            durations[row["id"]] = float(row["length"])
+        except (TypeError, ValueError) as err:
+            raise RecordFormatError(
+                f"{name}:{reader.line_num}: bad length {row.get('length')!r}"
+            ) from err
+    return durations
+
+
 # ---- QVHighlights ----------------------------------------------------------------------------
 def parse_qvhighlights(
     text: str, split: str, video_uri_template: str | None = None, name: str = "qvhighlights"
@@ -228,10 +253,14 @@ def parse_qvhighlights(
         try:
             row = json.loads(line)
             qid, vid, query = row["qid"], row["vid"], row["query"]
-        except (json.JSONDecodeError, KeyError, TypeError) as err:
-            raise RecordFormatError(f"{name}:{number}: not a QVHighlights row: {err}") from err
-        duration = float(row["duration"]) if row.get("duration") is not None else None
-        spans, dropped = clip_spans(row.get("relevant_windows") or [], duration)
+            if not isinstance(vid, str) or not isinstance(query, str):
+                raise TypeError("vid and query must be strings")
+            duration = float(row["duration"]) if row.get("duration") is not None else None
+            spans, dropped = clip_spans(row.get("relevant_windows") or [], duration)
+        except (KeyError, TypeError, ValueError, AttributeError) as err:  # JSON errors too
+            raise RecordFormatError(
+                f"{name}:{number}: not a QVHighlights row: {_describe(err)}"
+            ) from err
         extra = {
             "qid": qid,
             "relevant_clip_ids": row.get("relevant_clip_ids"),
@@ -306,31 +335,50 @@ def parse_activitynet(
     try:
         data = json.loads(text)
     except json.JSONDecodeError as err:
-        raise RecordFormatError(f"{name}: not JSON: {err}") from err
+        raise RecordFormatError(f"{name}:{err.lineno}: not JSON: {err}") from err
     if not isinstance(data, dict):
-        raise RecordFormatError(f"{name}: the top level must map video ids to annotations")
+        raise RecordFormatError(f"{name}:1: the top level must map video ids to annotations")
     records = []
     for video_id in sorted(data):
-        entry = data[video_id]
         try:
-            duration = float(entry["duration"])
-            pairs = list(zip(entry["timestamps"], entry["sentences"], strict=True))
-        except (KeyError, TypeError, ValueError) as err:
-            raise RecordFormatError(f"{name}: {video_id}: bad entry: {err}") from err
-        for n, (span, sentence) in enumerate(pairs):
-            records.append(
-                grounding_record(
-                    f"activitynet-{split}-{video_id}-{n}",
-                    video_id,
-                    video_uri_template,
-                    duration,
-                    sentence,
-                    span,
-                    "activitynet",
-                    split,
-                )
-            )
+            records.extend(_activitynet_video(video_id, data[video_id], split, video_uri_template))
+        except (KeyError, TypeError, ValueError, AttributeError) as err:
+            raise RecordFormatError(
+                f"{name}:{_line_of(text, video_id)}: {video_id}: bad entry: {_describe(err)}"
+            ) from err
     return records
+
+
+def _activitynet_video(
+    video_id: str, entry: dict, split: str, video_uri_template: str | None
+) -> list[dict[str, Any]]:
+    duration = float(entry["duration"])
+    pairs = list(zip(entry["timestamps"], entry["sentences"], strict=True))
+    return [
+        grounding_record(
+            f"activitynet-{split}-{video_id}-{n}",
+            video_id,
+            video_uri_template,
+            duration,
+            sentence,
+            span,
+            "activitynet",
+            split,
+        )
+        for n, (span, sentence) in enumerate(pairs)
+    ]
+
+
+def _line_of(text: str, key: str) -> int:
+    """The line where a JSON key first appears (ActivityNet's official files are one line;
+    pretty-printed ones are not), so an error can name the line."""
+    at = text.find(json.dumps(key, ensure_ascii=False))
+    return text.count("\n", 0, at) + 1 if at >= 0 else 1
+
+
+def _describe(err: Exception) -> str:
+    """A parse error in words: a KeyError alone would print only the key."""
+    return f"missing field {err}" if isinstance(err, KeyError) else str(err)
 
 
 def read_activitynet(
