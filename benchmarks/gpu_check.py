@@ -16,11 +16,11 @@ A hard time cap (`--time-cap-s`, default 600) stops it, writing what was measure
 `--dry-run` builds the same model on the meta device (no memory, no GPU) and covers:
   - parameter counts (total, stage-3 trainable) and the weight bytes, as built and all-bf16;
   - the stage-3 forward and backward at the planned batch shapes, checking that every
-    trainable parameter and nothing else gets a gradient of its shape. One deviation: the LLM
-    is called without an attention mask, because transformers reads the mask's values to
-    decide whether it may skip it (`Tensor.item()`), which a meta tensor cannot answer; the
-    planned batch has no padding, so the computation is the same. Meta tensors run without
-    autocast, so the pathway's activations are counted in float32 where the GPU keeps bf16;
+    trainable parameter and nothing else gets a gradient of its shape. It is the model's own
+    `forward(batch, 3)`, run on fake tensors (on meta): transformers reads the attention mask's
+    values to decide whether it may skip it, which a plain meta tensor cannot answer, and skips
+    those checks for fake tensors. Meta tensors run without autocast, so the pathway's
+    activations are counted in float32 where the GPU keeps bf16;
   - an activation estimate: the bytes autograd saves for backward (parameters excluded) plus
     the inputs each checkpointed LLM layer keeps for its recomputation. It leaves out the
     transient peak of one layer's recomputation and backward, temporary buffers and allocator
