@@ -130,8 +130,9 @@ class DamoModel(nn.Module):
         device: str | torch.device | None = None,
         with_llm: bool = True,
     ) -> DamoModel:
-        """Load the backbones (`pretrained`) or build them from `arch` (at random, or on
-        `device="meta"` to count parameters and check shapes without any weights).
+        """Load the backbones (`pretrained`) or build them from `arch` alone, without any
+        download: at random on `device` ("cpu", "cuda"), or on `device="meta"` to count
+        parameters and check shapes without any weights.
 
         `with_llm=False` leaves the LLM (and its tokenizer) unloaded: enough for the alignment
         objective and retrieval, and its checkpoints load into a full model later."""
@@ -142,9 +143,12 @@ class DamoModel(nn.Module):
             if with_llm:
                 locate("llm", cfg.llm, resolve)
             locate("text_encoder", cfg.text_encoder, resolve)
-        # pretrained weights load straight onto the target device; a random build moves there
+        # Pretrained weights load straight onto the target device; a random build is made
+        # there (meta, cpu or cuda): a 7B LLM initialised on the CPU and then copied to the GPU
+        # would spend minutes on random numbers the GPU draws in a second.
         load_on = device if pretrained else None
-        with torch.device("meta") if on_meta else nullcontext():
+        build_on = device if not pretrained and device is not None else None
+        with torch.device(build_on) if build_on is not None else nullcontext():
             llm = None
             if with_llm:
                 llm = load_llm(cfg.llm, pretrained, resolve, DTYPES[cfg.llm.dtype], load_on)
@@ -366,21 +370,41 @@ class DamoModel(nn.Module):
             raise ValueError(f"{len(prompts)} prompts for {video.visual.shape[0]} videos")
         device = self.pathway.bridge.queries.device
         inputs = self.prompt_builder.prompts(prompts)
-        input_ids = inputs["input_ids"].to(device)
-        attention_mask = inputs["attention_mask"].to(device)
-        output = self.llm.generate(
-            inputs_embeds=self.llm_inputs(video.to(device), input_ids),
+        output = self.generate_ids(
+            video.to(device),
+            inputs["input_ids"].to(device),
+            inputs["attention_mask"].to(device),
+            max_new_tokens=max_new_tokens,
+            greedy=greedy,
+            pad_token_id=self.prompt_builder.pad_token_id,
+            eos_token_id=self.tokenizer.eos_token_id,
+            **generate_kwargs,
+        )
+        texts = self.tokenizer.batch_decode(output, skip_special_tokens=True)
+        return [text.strip() for text in texts]
+
+    @torch.no_grad()
+    def generate_ids(
+        self,
+        video: VideoFeatures,
+        input_ids: Tensor,
+        attention_mask: Tensor,
+        max_new_tokens: int = 64,
+        greedy: bool = True,
+        **generate_kwargs,
+    ) -> Tensor:
+        """(B, new tokens) answer ids for left-padded prompts (B, S) holding the `<video>`
+        tokens; `generate` without the tokenizer, for a model built at random (benchmarks)."""
+        self.require_llm()
+        return self.llm.generate(
+            inputs_embeds=self.llm_inputs(video, input_ids),
             attention_mask=attention_mask,
             max_new_tokens=max_new_tokens,
             do_sample=not greedy,
-            pad_token_id=self.prompt_builder.pad_token_id,
-            eos_token_id=self.tokenizer.eos_token_id,
             # `<video>` is an input placeholder, never an answer
             suppress_tokens=[self.video_token_id],
             **generate_kwargs,
         )  # (B, new tokens): with inputs_embeds only the continuation comes back
-        texts = self.tokenizer.batch_decode(output, skip_special_tokens=True)
-        return [text.strip() for text in texts]
 
 
 def grow_vocabulary(llm: nn.Module, size: int) -> None:
