@@ -8,7 +8,18 @@ from typing import Annotated
 import typer
 
 import damo
-from damo.cli import config, data, evaluate, model, pipeline, serve, storage, train, tune
+from damo.cli import (
+    cluster,
+    config,
+    data,
+    evaluate,
+    model,
+    pipeline,
+    serve,
+    storage,
+    train,
+    tune,
+)
 from damo.cli.common import console
 
 app = typer.Typer(
@@ -41,6 +52,9 @@ app.add_typer(data.data_app, name="data")
 app.add_typer(train.train_app, name="train")
 app.add_typer(tune.tune_app, name="tune")
 app.add_typer(evaluate.eval_app, name="eval")
+app.add_typer(cluster.cluster_app, name="cluster")
+app.command("pipeline")(pipeline.pipeline_command)
 app.command("demo")(pipeline.demo_command)
 app.command("extract")(data.extract_command)
 app.command("serve")(serve.serve_command)
+app.command("deploy")(serve.deploy_command)

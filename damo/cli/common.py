@@ -39,6 +39,8 @@ LAZY_ERRORS = (
     ("damo.train.registry", "RegistryError"),
     ("damo.tune.trial", "SweepError"),
     ("damo.tune.space", "SpaceError"),
+    ("damo.pipeline", "PipelineError"),
+    ("damo.cluster", "ClusterError"),
     ("damo.data.records", "RecordFormatError"),
     ("damo.data.dataset_import", "DatasetImportError"),
 )

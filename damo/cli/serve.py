@@ -10,6 +10,7 @@ from damo.cli.common import (
     ConfigName,
     Overrides,
     console,
+    err_console,
     friendly_errors,
 )
 from damo.config import load_config
@@ -56,3 +57,41 @@ def serve_command(
         console.print("stopping")
     finally:
         serve.shutdown()
+
+
+@friendly_errors
+def deploy_command(
+    checkpoint: Annotated[
+        str, typer.Option(help="Checkpoint URI to serve ('best': the tuning registry's best).")
+    ],
+    config: ConfigName = None,
+    overrides: Overrides = None,
+    port: Annotated[
+        int | None, typer.Option(min=0, max=65535, help="Port (default serve.port; 0: free).")
+    ] = None,
+) -> None:
+    """Deploy the grounding and QA service on a running Ray cluster, print its URL and return;
+    the app stays up (`serve status`, `serve shutdown`). For a service on this machine alone,
+    use `damo serve`."""
+    import os
+
+    from damo.data.extract import connect_ray
+    from damo.serve.local import start
+    from damo.train.registry import is_registry_name, resolve_checkpoint
+
+    cfg = load_config(config, overrides or [])
+    if cfg.ray.address is None and "RAY_ADDRESS" not in os.environ:
+        err_console.print(
+            "[bold red]error:[/] deploy needs a running Ray cluster (RAY_ADDRESS, ray.address, "
+            "or run it with ray job submit): a local one would end with this command. "
+            "Use `damo serve` to serve from this machine."
+        )
+        raise typer.Exit(code=2)
+    if is_registry_name(checkpoint):
+        named, checkpoint = checkpoint, resolve_checkpoint(checkpoint, cfg)
+        console.print(f"{named}: {checkpoint}", highlight=False)
+    if port is not None:
+        cfg = cfg.model_copy(update={"serve": cfg.serve.model_copy(update={"port": port})})
+    connect_ray(cfg)
+    url = start(cfg, checkpoint)
+    console.print(f"DaMO is deployed at {url}  (API docs: {url}docs)", highlight=False)

@@ -21,7 +21,7 @@ from damo.config import load_config
 train_app = typer.Typer(help="Train DaMO's four stages with Ray Train.")
 
 
-def _parse_stages(text: str) -> tuple[int, ...]:
+def parse_stages(text: str) -> tuple[int, ...]:
     try:
         stages = tuple(int(part) for part in text.split(",") if part.strip())
     except ValueError:
@@ -65,11 +65,11 @@ def train_command(
     connect_ray(cfg)
     try:
         manifest = train_pipeline(
-            cfg, run_id, _parse_stages(stages), init_checkpoint, log=console.print
+            cfg, run_id, parse_stages(stages), init_checkpoint, log=console.print
         )
     except TrainError as err:
         err_console.print(f"[bold red]error:[/] {escape(str(err))}", soft_wrap=True)
-        _print_log_hint(err.logs, run_id)
+        print_log_hint(err.logs, run_id)
         raise typer.Exit(code=1) from None
     except KeyboardInterrupt:
         err_console.print(
@@ -81,7 +81,7 @@ def train_command(
     _print_manifest(manifest)
 
 
-def _print_log_hint(logs: dict, run_id: str) -> None:
+def print_log_hint(logs: dict, run_id: str) -> None:
     if not logs:
         return
     where = f"logs: run {logs['run']} (manifest, metrics, Ray Train's {logs['ray_run']})"

@@ -101,6 +101,7 @@ class RayConfig(Section):
 
 from damo.config.data import DataConfig  # noqa: E402  (data.py builds on Section above)
 from damo.config.model import ModelConfig  # noqa: E402  (model.py builds on Section above)
+from damo.config.pipeline import PipelineConfig  # noqa: E402  (builds on Section above)
 from damo.config.serve import ServeConfig  # noqa: E402  (serve.py builds on Section above)
 from damo.config.train import TrainConfig  # noqa: E402  (train.py builds on Section above)
 from damo.config.tune import TuneConfig  # noqa: E402  (tune.py builds on Section above)
@@ -118,6 +119,7 @@ class DamoConfig(Section):
     train: TrainConfig = TrainConfig()
     tune: TuneConfig = TuneConfig()
     serve: ServeConfig = ServeConfig()
+    pipeline: PipelineConfig = PipelineConfig()
 
     @model_validator(mode="after")
     def _frames_agree(self) -> DamoConfig:

@@ -1,0 +1,103 @@
+"""`damo cluster up/down`: a Ray head on this machine that `ray job submit` can use as written.
+
+A job's driver runs whatever `python` the head's environment finds, with the head's
+environment variables. So the head is started from this environment (its `bin/` first on
+PATH, so `python jobs/x.py` imports this package and its dependencies) with the embedded S3
+server's endpoint and credentials exported when that server runs, and token auth off: the
+head listens on 127.0.0.1 only, and RAY_NOTES explains why a token there breaks
+`ray job submit`.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
+
+from damo.config import DamoConfig
+from damo.storage.s3server import EmbeddedS3Server
+
+
+class ClusterError(RuntimeError):
+    """The head could not be started or stopped (Ray's own message included)."""
+
+
+@dataclass(frozen=True)
+class HeadPorts:
+    gcs: int = 6379
+    dashboard: int = 8265
+    client: int = 10001
+
+    @property
+    def dashboard_url(self) -> str:
+        return f"http://127.0.0.1:{self.dashboard}"
+
+
+def ray_binary() -> str:
+    beside_python = Path(sys.executable).parent / "ray"
+    found = str(beside_python) if beside_python.exists() else shutil.which("ray")
+    if not found:
+        raise ClusterError("the 'ray' command was not found: pip install 'ray[default]'")
+    return found
+
+
+def head_environment(cfg: DamoConfig, storage_dir: Path | None = None) -> tuple[dict, str]:
+    """The environment the head (and so every job's driver) gets, and where its storage
+    settings came from."""
+    env = dict(os.environ)
+    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
+    env["RAY_AUTH_MODE"] = "disabled"
+    env.setdefault("HF_HUB_OFFLINE", "1")
+    server = EmbeddedS3Server(cfg.storage.embedded, data_dir=str(storage_dir or "") or None)
+    state = server.running_state()
+    if state is None:
+        return env, "the environment (no embedded S3 server is running)"
+    env.update(state.env())
+    return env, f"the embedded S3 server at {state.endpoint_url}"
+
+
+def start_head(
+    cfg: DamoConfig, ports: HeadPorts = HeadPorts(), storage_dir: Path | None = None
+) -> str:
+    """`ray start --head` on loopback ports from this environment; what the storage env is."""
+    env, storage = head_environment(cfg, storage_dir)
+    command = [
+        ray_binary(),
+        "start",
+        "--head",
+        "--node-ip-address=127.0.0.1",
+        f"--port={ports.gcs}",
+        f"--ray-client-server-port={ports.client}",
+        "--dashboard-host=127.0.0.1",
+        f"--dashboard-port={ports.dashboard}",
+        "--disable-usage-stats",
+    ]
+    if cfg.ray.num_cpus is not None:
+        command.append(f"--num-cpus={cfg.ray.num_cpus}")
+    if cfg.ray.object_store_memory_mb:
+        command.append(f"--object-store-memory={cfg.ray.object_store_memory_mb * 1024 * 1024}")
+    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=180)
+    if done.returncode != 0:
+        raise ClusterError(f"ray start failed:\n{(done.stdout + done.stderr)[-3000:]}")
+    return storage
+
+
+def stop_head() -> None:
+    env = {**os.environ, "RAY_AUTH_MODE": "disabled"}
+    done = subprocess.run(
+        [ray_binary(), "stop"], env=env, capture_output=True, text=True, timeout=180
+    )
+    if done.returncode != 0:
+        raise ClusterError(f"ray stop failed:\n{(done.stdout + done.stderr)[-3000:]}")
+
+
+def head_is_up(ports: HeadPorts = HeadPorts()) -> bool:
+    try:
+        with urllib.request.urlopen(f"{ports.dashboard_url}/api/version", timeout=3) as reply:
+            return reply.status == 200
+    except OSError:
+        return False
