@@ -141,7 +141,15 @@ class Pipeline:
             "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
             "steps": {},
         }
-        self.state["plan"] = {k: v for k, v in asdict(self.plan).items() if k != "steps"}
+        planned = json.loads(json.dumps({k: v for k, v in asdict(plan).items() if k != "steps"}))
+        before = self.state.get("plan")
+        if before is not None and before != planned:
+            changed = sorted(k for k in planned if planned[k] != before.get(k))
+            raise PipelineError(
+                f"run '{plan.run_id}' was started with another plan ({', '.join(changed)} "
+                "differ); use a new run id for this one"
+            )
+        self.state["plan"] = planned
 
     # ---- bookkeeping ---------------------------------------------------------------------
     def ensure_ray(self) -> None:

@@ -119,6 +119,12 @@ def test_a_failed_step_is_recorded_and_the_next_run_resumes_there(cfg, tmp_path)
     assert ran == ["train", "evaluate"]
 
 
+def test_a_run_id_keeps_its_plan(cfg, tmp_path):
+    run(cfg, PipelinePlan("r3", world=str(tmp_path / "world")))
+    with pytest.raises(PipelineError, match=r"another plan \(clips, stages differ\)"):
+        run(cfg, PipelinePlan("r3", world=str(tmp_path / "world"), clips=5, stages=(1, 2)))
+
+
 def test_the_pipeline_command_refuses_a_bad_plan_in_one_line(cfg, tmp_path):
     result = CliRunner().invoke(
         app, ["pipeline", "--run-id", "x", "--stages", "3,4", "--config", "tiny"]

@@ -135,7 +135,9 @@ def pipeline_command(
     check_plan(cfg, plan)  # a plan that cannot work is bad input (exit 2), not a failed run
     console.print(f"pipeline run [bold]{escape(run_id)}[/]: {' -> '.join(plan.steps)}")
     try:
-        state = run_pipeline(cfg, plan, log=lambda line: console.print(line, highlight=False))
+        state = run_pipeline(
+            cfg, plan, log=lambda line: console.print(escape(line), highlight=False)
+        )
     except PipelineError as err:
         err_console.print(f"[bold red]error:[/] {escape(str(err))}", soft_wrap=True)
         if isinstance(err.__cause__, TrainError):
