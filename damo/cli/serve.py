@@ -15,18 +15,21 @@ from damo.cli.common import (
 )
 from damo.config import load_config
 
+ServedCheckpoint = Annotated[
+    str, typer.Option(help="Checkpoint URI to serve ('best': the tuning registry's best).")
+]
+Port = Annotated[
+    int | None, typer.Option(min=0, max=65535, help="Port (default serve.port; 0: free).")
+]
+
 
 @friendly_errors
 def serve_command(
-    checkpoint: Annotated[
-        str, typer.Option(help="Checkpoint URI to serve ('best': the tuning registry's best).")
-    ],
+    checkpoint: ServedCheckpoint,
     config: ConfigName = None,
     overrides: Overrides = None,
     host: Annotated[str | None, typer.Option(help="Bind address (default serve.host).")] = None,
-    port: Annotated[
-        int | None, typer.Option(min=0, max=65535, help="Port (default serve.port; 0: free).")
-    ] = None,
+    port: Port = None,
 ) -> None:
     """Run the grounding and QA service locally (Ray Serve) and print its URL; Ctrl-C stops it.
 
@@ -61,14 +64,10 @@ def serve_command(
 
 @friendly_errors
 def deploy_command(
-    checkpoint: Annotated[
-        str, typer.Option(help="Checkpoint URI to serve ('best': the tuning registry's best).")
-    ],
+    checkpoint: ServedCheckpoint,
     config: ConfigName = None,
     overrides: Overrides = None,
-    port: Annotated[
-        int | None, typer.Option(min=0, max=65535, help="Port (default serve.port; 0: free).")
-    ] = None,
+    port: Port = None,
 ) -> None:
     """Deploy the grounding and QA service on a running Ray cluster, print its URL and return;
     the app stays up (`serve status`, `serve shutdown`). For a service on this machine alone,
