@@ -51,6 +51,7 @@ def head_environment(cfg: DamoConfig, storage_dir: Path | None = None) -> tuple[
     env = dict(os.environ)
     env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
     env["RAY_AUTH_MODE"] = "disabled"
+    env.pop("RAY_ADDRESS", None)  # the head starts a cluster; it joins none
     env.setdefault("HF_HUB_OFFLINE", "1")
     server = EmbeddedS3Server(cfg.storage.embedded, data_dir=str(storage_dir or "") or None)
     state = server.running_state()

@@ -1,25 +1,34 @@
 """`make demo`: the whole platform end to end on one machine, with nothing set up beforehand.
 
-embedded S3 server -> tiny backbones -> synthetic AV world -> Ray Data feature extraction ->
-the four training stages (Ray Train) -> batch evaluation (Ray Data) -> metrics table; then
-the report is copied to a local folder and the server stops.
+An embedded S3 server, then the pipeline (`damo.pipeline`): tiny backbones -> synthetic AV
+world -> Ray Data feature extraction -> the four training stages (Ray Train) -> batch
+evaluation (Ray Data); then the metrics table, the report copied to a local folder, and the
+server stops.
 """
 
 from __future__ import annotations
 
+import json
+import sys
 import time
+import urllib.request
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from damo.config import DamoConfig
+from damo.config.loader import with_overrides
 from damo.storage import Storage, join
 from damo.storage.s3server import EmbeddedS3Server
 
 BUCKET = "s3://damo-demo"
+# the demo's sweep (tune_spaces/demo.yaml): two stage-3 learning rates, each trial from the
+# run's stage-2 checkpoint
+SPACE = "demo"
 
 
 @dataclass
@@ -29,12 +38,13 @@ class DemoSize:
     clips: int
     lm_steps: int
     max_steps: int | None  # per stage; None: the preset's epochs
+    questions: int = 4  # asked of the deployed service, about held-out (test split) clips
 
     @classmethod
     def named(cls, name: str) -> DemoSize:
         sizes = {
             "full": cls(clips=60, lm_steps=300, max_steps=None),
-            "smoke": cls(clips=20, lm_steps=30, max_steps=2),
+            "smoke": cls(clips=20, lm_steps=30, max_steps=2, questions=2),
         }
         if name not in sizes:
             raise ValueError(f"unknown demo size {name!r} (known: {', '.join(sizes)})")
@@ -52,45 +62,86 @@ def timed_step(console: Console, timings: dict, name: str, work: Callable):
 
 
 def demo_config(cfg: DamoConfig, server_s3, size: DemoSize) -> DamoConfig:
-    """The given config pointed at the demo bucket (and shortened for the smoke size)."""
+    """The given config pointed at the demo bucket, sized for 2 CPUs (a sweep trial and its
+    Train worker leave Ray Data a CPU), and shortened for the smoke size."""
+    videos = join(BUCKET, "world", "videos")
+    demo = with_overrides(
+        cfg,
+        [
+            f"storage.root={BUCKET}",
+            # the service answers about the demo's own clips, and nothing else
+            f"storage.allowed_prefixes=[{videos}]",
+            f"train.runs_root={join(BUCKET, 'runs')}",
+            f"train.data.features={join(BUCKET, 'features')}",
+            f"train.data.records={join(BUCKET, 'world', 'records')}",
+            "train.scaling.cpus_per_worker=0.5",
+            f"tune.sweeps_root={join(BUCKET, 'sweeps')}",
+            f"tune.registry={join(BUCKET, 'registry')}",
+            "tune.trial_cpus=0.5",
+            "serve.port=0",
+            *(
+                f"train.stages.stage{stage}.max_steps={size.max_steps}"
+                for stage in (1, 2, 3, 4)
+                if size.max_steps is not None
+            ),
+        ],
+    )
     update = {
-        "storage": cfg.storage.model_copy(update={"s3": server_s3, "root": BUCKET}),
-        "model": cfg.model.with_backbones_at(join(BUCKET, "backbones", "tiny")),
-        "train": cfg.train.model_copy(
-            update={
-                "runs_root": join(BUCKET, "runs"),
-                "data": cfg.train.data.model_copy(
-                    update={
-                        "features": join(BUCKET, "features"),
-                        "records": join(BUCKET, "world", "records"),
-                    }
-                ),
-            }
-        ),
+        "storage": demo.storage.model_copy(update={"s3": server_s3}),
+        "model": demo.model.with_backbones_at(join(BUCKET, "backbones", "tiny")),
     }
-    demo = cfg.model_copy(update=update, deep=True)
-    if size.max_steps is not None:
-        for stage in (1, 2, 3, 4):
-            demo.train.stages.get(stage).max_steps = size.max_steps
-    return DamoConfig.model_validate(demo.model_dump())
+    return DamoConfig.model_validate(demo.model_copy(update=update).model_dump())
+
+
+def ask_service(url: str, storage: Storage, records_uri: str, count: int) -> list[dict]:
+    """POST /v1/ground for the first `count` grounding records of a split; each question with
+    the service's answer and the ground truth."""
+    from damo.data.records import read_records
+
+    records = [
+        r for r in read_records(records_uri, storage).to_pylist() if r["task"] == "grounding"
+    ]
+    asked = []
+    for record in records[:count]:
+        body = json.dumps({"video": record["video_uri"], "query": record["query"]}).encode()
+        request = urllib.request.Request(
+            url + "v1/ground", body, {"Content-Type": "application/json"}
+        )
+        with urllib.request.urlopen(request, timeout=120) as reply:
+            answer = json.loads(reply.read())
+        asked.append({"record": record, "answer": answer})
+    return asked
+
+
+def answers_table(asked: list[dict]) -> Table:
+    table = Table(title="the deployed service, asked about held-out clips")
+    for column in ("clip", "query", "answer", "predicted", "ground truth"):
+        table.add_column(column)
+    for item in asked:
+        record, answer = item["record"], item["answer"]
+        predicted = f"{answer['start']:.1f}-{answer['end']:.1f} s" if answer["found"] else "-"
+        truth = ", ".join(f"{a:.1f}-{b:.1f} s" for a, b in record["spans"])
+        clip = record["video_uri"].rsplit("/", 1)[-1]
+        table.add_row(clip, record["query"], answer["answer"], predicted, truth)
+    return table
 
 
 def run_demo(
-    cfg: DamoConfig, console: Console, size: str = "full", keep: Path = Path(".damo/demo")
+    cfg: DamoConfig,
+    console: Console,
+    size: str = "full",
+    keep: Path = Path(".damo/demo"),
+    wait: bool = True,
 ) -> bool:
-    """Run the pipeline; True when every step finished. The report is copied under `keep`."""
+    """Run the pipeline, ask the deployed service about held-out clips, and (on a terminal,
+    with `wait`) keep it up until Enter; True when every step finished. The report is copied
+    under `keep`."""
     import ray
 
-    from damo.config.data import SyntheticConfig
-    from damo.data.backbones import make_tiny_backbones
-    from damo.data.extract import connect_ray, extract_features, video_uris
-    from damo.data.synthetic import generate_world
-    from damo.eval.batch import EvalSettings, evaluate_checkpoint
-    from damo.eval.report import metrics_table
-    from damo.train.pipeline import train_pipeline
+    from damo.pipeline import PipelinePlan, run_pipeline
+    from damo.train.pipeline import read_manifest, run_uri
 
     demo_size = DemoSize.named(size)
-    timings: dict[str, float] = {}
     keep.mkdir(parents=True, exist_ok=True)
     server = EmbeddedS3Server(cfg.storage.embedded, data_dir=str(keep / "storage"))
     started = time.monotonic()
@@ -101,75 +152,55 @@ def run_demo(
         cfg = demo_config(cfg, state.s3_config(), demo_size)
         storage = Storage(cfg.storage.s3)
         storage.ensure_bucket(BUCKET)
+        run_id = time.strftime("demo-%Y%m%d-%H%M%S")
+        plan = PipelinePlan(
+            run_id,
+            tiny_backbones=True,
+            lm_steps=demo_size.lm_steps,
+            world=join(BUCKET, "world"),
+            clips=demo_size.clips,
+            space=SPACE,
+            deploy=True,
+        )
         try:
-            timed_step(
-                console,
-                timings,
-                "tiny backbones",
-                lambda: make_tiny_backbones(
-                    join(BUCKET, "backbones", "tiny"),
-                    cfg.model,
-                    storage,
-                    steps=demo_size.lm_steps,
-                    num_clips=demo_size.clips,
-                ),
+            pipeline = run_pipeline(
+                cfg, plan, storage, log=lambda line: console.print(escape(line), highlight=False)
             )
-            world = join(BUCKET, "world")
-            settings = cfg.data.synthetic.model_copy(update={"num_clips": demo_size.clips})
-            timed_step(
-                console,
-                timings,
-                "synthetic world",
-                lambda: generate_world(
-                    world, storage, SyntheticConfig.model_validate(settings.model_dump())
-                ),
-            )
-            connect_ray(cfg)
-            extracted = timed_step(
-                console,
-                timings,
-                "feature extraction",
-                lambda: extract_features(
-                    video_uris(storage, join(world, "videos")),
-                    cfg.train.data.features,
-                    cfg,
-                    storage=storage,
-                ),
-            )
-            console.print(f"  {extracted.ok} clips with features, errors: {extracted.errors}")
-            run_id = time.strftime("demo-%Y%m%d-%H%M%S")
-            manifest = timed_step(
-                console,
-                timings,
-                "training (4 stages)",
-                lambda: train_pipeline(cfg, run_id, storage=storage, log=console.print),
-            )
-            checkpoint = manifest["stages"]["4"]["checkpoint"]
-            eval_uri = join(BUCKET, "eval", run_id)
-            result = timed_step(
-                console,
-                timings,
-                "evaluation",
-                lambda: evaluate_checkpoint(
-                    cfg,
-                    checkpoint,
-                    cfg.train.data.features,
-                    join(cfg.train.data.records, "test.parquet"),
-                    eval_uri,
-                    EvalSettings(plots=4),
-                    storage,
-                ),
-            )
+            run = run_uri(cfg, run_id)
+            manifest = read_manifest(storage, run)
+            eval_uri = join(run, "eval", plan.evaluate_split)
+            result = json.loads(storage.read_bytes(join(eval_uri, "metrics.json")))
             local_report = keep / "report" / run_id
             for uri in storage.list(eval_uri + "/"):
                 storage.download_file(uri, local_report / uri[len(eval_uri) + 1 :])
-            storage.download_file(
-                join(cfg.train.runs_root, run_id, "loss_curves.png"),
-                local_report / "loss_curves.png",
+            storage.download_file(join(run, "loss_curves.png"), local_report / "loss_curves.png")
+            url = pipeline["steps"]["deploy"]["url"]
+            test_records = join(cfg.train.data.records, f"{plan.evaluate_split}.parquet")
+            asked = ask_service(url, storage, test_records, demo_size.questions)
+            print_results(console, manifest, result, pipeline, local_report, asked)
+            console.print(
+                f"web page: [bold]{url}[/]  (API docs: {url}docs); ask about "
+                f"{escape(join(BUCKET, 'world', 'videos'))}/<clip>.mp4"
             )
+            if wait and sys.stdin.isatty():
+                console.input("the service stays up: press Enter to stop it ")
         finally:
             if ray.is_initialized():
+                from ray import serve
+
+                serve.shutdown()
                 ray.shutdown()
+    console.print(f"total {time.monotonic() - started:.0f}s")
+    finished = all(e["status"] == "finished" for e in manifest["stages"].values()) and all(
+        item["answer"]["answer"] for item in asked
+    )
+    console.print("[bold green]demo finished[/]" if finished else "[bold red]demo FAILED[/]")
+    return finished
+
+
+def print_results(console, manifest, result, pipeline, local_report, asked) -> None:
+    from damo.eval.report import metrics_table
+
     table = Table(title="training")
     for column in ("stage", "val loss (start -> best)", "steps", "wall s"):
         table.add_column(column)
@@ -182,13 +213,9 @@ def run_demo(
             str(entry["wall_s"]),
         )
     console.print(table)
+    console.print(f"sweep: {escape(pipeline['steps']['tune']['summary'])}", highlight=False)
     console.print(metrics_table(result["metrics"]), markup=False, highlight=False)
     console.print(f"report, plots and loss curves: [bold]{local_report}[/] (report.md)")
-    console.print(
-        "timings: "
-        + ", ".join(f"{k} {v:.0f}s" for k, v in timings.items())
-        + f"; total {time.monotonic() - started:.0f}s"
-    )
-    finished = all(e["status"] == "finished" for e in manifest["stages"].values())
-    console.print("[bold green]demo finished[/]" if finished else "[bold red]demo FAILED[/]")
-    return finished
+    console.print(answers_table(asked))
+    timings = {name: step.get("wall_s", 0.0) for name, step in pipeline["steps"].items()}
+    console.print("timings: " + ", ".join(f"{k} {v:.0f}s" for k, v in timings.items()))

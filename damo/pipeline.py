@@ -161,8 +161,16 @@ class Pipeline:
         from damo.train.pipeline import ray_log_dir
 
         connect_ray(self.cfg, log_to_driver=False)
+        import ray.data
+
+        # Ray Data's per-operator bars would interleave with the one line a step printed here
+        ray.data.DataContext.get_current().enable_progress_bars = False
         self.ray_connected = True
         where = ray_log_dir()
+        if where is not None:
+            driver_log = Path(where) / "damo-driver.log"
+            ray_logs_to_file(driver_log)
+            where = f"{where} (this driver's Ray messages: {driver_log.name})"
         self.log(f"Ray joined; its logs: {where or 'on the cluster (ray job logs, dashboard)'}")
 
     def save(self) -> None:
@@ -284,12 +292,12 @@ class Pipeline:
     def step_tune(self) -> dict:
         from damo.tune.space import load_space
         from damo.tune.sweep import run_sweep
-        from damo.tune.trial import trial_stages
+        from damo.tune.trial import first_stage
 
         self.ensure_ray()
-        space = load_space(Path(self.plan.space), self.cfg)
+        space = load_space(self.plan.space, self.cfg)
         cfg = self.cfg
-        first = trial_stages([p.path for p in space.parameters], cfg)[0]
+        first = min(first_stage(p.path, cfg) for p in space.parameters)
         start = self.checkpoints().get(first - 1)
         if first > 1 and cfg.tune.init_checkpoint is None:
             if start is None:
@@ -356,6 +364,30 @@ class Pipeline:
         checkpoint = self.best_checkpoint()
         url = start(self.cfg, checkpoint)
         return {"summary": f"served at {url} with {checkpoint}", "url": url}
+
+
+def ray_logs_to_file(path: Path) -> None:
+    """Ray's own driver-side messages (its loggers and its deprecation warnings) go to `path`
+    instead of the console, which keeps one line a step."""
+    import logging
+
+    handler = logging.FileHandler(path)
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    for name, logger in list(logging.root.manager.loggerDict.items()):
+        ours = name == "ray" or name.startswith("ray.")
+        if ours and isinstance(logger, logging.Logger):
+            logger.handlers = [
+                h
+                for h in logger.handlers
+                if isinstance(h, logging.FileHandler) or not isinstance(h, logging.StreamHandler)
+            ]
+    ray_logger = logging.getLogger("ray")
+    ray_logger.addHandler(handler)
+    ray_logger.propagate = False
+    logging.captureWarnings(True)  # RayDeprecationWarning and friends, into the same file
+    warnings_logger = logging.getLogger("py.warnings")
+    warnings_logger.handlers = [handler]
+    warnings_logger.propagate = False
 
 
 def now() -> str:

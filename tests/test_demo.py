@@ -1,9 +1,11 @@
 """The demo's whole path, at smoke size: server, backbones, world, extraction, four training
-stages, evaluation, report; and nothing left running afterwards."""
+stages, a sweep, evaluation of its best, deployment, questions to the service, report; and
+nothing left running afterwards."""
 
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -28,6 +30,11 @@ def test_smoke_demo_runs_the_whole_pipeline(tmp_path):
     assert "demo finished" in out.stdout
     for line in ("### grounding", "| baseline_whole_clip |", "### qa", "### retrieval"):
         assert line in out.stdout
+    for step in ("backbones", "world", "extract", "train", "tune", "evaluate", "deploy"):
+        assert f"] {step}: running" in out.stdout, step  # one progress line per step
+    assert "the deployed service, asked about held-out clips" in out.stdout
+    assert "web page: http://127.0.0.1:" in out.stdout
+    assert "sweep demo-" in out.stdout  # the sweep's summary line
     reports = list((keep / "report").glob("demo-*"))
     assert len(reports) == 1
     report = reports[0]
@@ -37,3 +44,8 @@ def test_smoke_demo_runs_the_whole_pipeline(tmp_path):
     assert not (keep / "storage" / "server.json").exists()  # the server stopped
     leftover = subprocess.run(["pgrep", "-f", f"weed mini -dir={keep}"], capture_output=True)
     assert leftover.stdout == b""
+    # the demo's own Ray cluster (its session dir was printed) is gone too
+    logs = re.search(r"Ray joined; its logs: (\S+)/logs", out.stdout)
+    assert logs, out.stdout[-3000:]
+    ray_left = subprocess.run(["pgrep", "-f", logs.group(1)], capture_output=True)
+    assert ray_left.stdout == b"", ray_left.stdout

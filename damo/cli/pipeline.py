@@ -30,12 +30,21 @@ def demo_command(
     keep: Annotated[Path, typer.Option(help="Where the server data and report stay.")] = Path(
         ".damo/demo"
     ),
+    wait: Annotated[
+        bool,
+        typer.Option(
+            help="On a terminal, keep the service up until Enter (never when stdin is not a "
+            "terminal)."
+        ),
+    ] = True,
 ) -> None:
     """Run the whole pipeline on an embedded S3 server: backbones, world, features, four
-    training stages, evaluation; print the metrics and where the report is."""
+    training stages, a small sweep, evaluation of its best, deployment; ask the service about
+    held-out clips; print the metrics, the answers and the web page's URL."""
     from damo.demo import run_demo
 
-    ok = run_demo(load_config(config, overrides or []), console, size=size, keep=keep)
+    cfg = load_config(config, overrides or [])
+    ok = run_demo(cfg, console, size=size, keep=keep, wait=wait)
     raise typer.Exit(code=0 if ok else 1)
 
 
