@@ -8,7 +8,7 @@ STAMP  := $(VENV)/.damo-installed
 export HF_HUB_OFFLINE := 1
 export RAY_AUTH_MODE := disabled
 
-.PHONY: demo test test-cluster lint clean-storage system-deps
+.PHONY: demo test test-cluster test-jobs lint clean-storage system-deps
 
 $(STAMP): pyproject.toml
 	@command -v $(PYTHON) >/dev/null || { echo "error: $(PYTHON) not found (Python 3.11 is required)"; exit 1; }
@@ -38,6 +38,10 @@ test: lint system-deps
 # The whole pipeline on a two-node Ray cluster with S3 as the only shared storage (~25 min).
 test-cluster: lint
 	RAY_DATA_DISABLE_PROGRESS_BARS=1 $(BIN)/python -m pytest -m multinode tests/test_multinode.py
+
+# `ray job submit` of jobs/pipeline.py against a Ray head started by `damo cluster up` (~13 min).
+test-jobs: lint
+	RAY_DATA_DISABLE_PROGRESS_BARS=1 $(BIN)/python -m pytest -m jobs tests/test_jobs.py
 
 clean-storage:
 	-$(BIN)/damo storage down

@@ -15,6 +15,12 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 FIXTURES = REPO_ROOT.parent / "shared" / "fixtures"
 
 
+def pytest_collection_modifyitems(config, items):
+    """`ray stop` ends every Ray process on the machine, this session's cluster included: the
+    tests that run it go last."""
+    items.sort(key=lambda item: item.get_closest_marker("stops_ray") is not None)
+
+
 @pytest.fixture(scope="session")
 def fixtures_dir() -> Path:
     """../shared/fixtures. A test that needs it and cannot find it fails (never skips)."""
