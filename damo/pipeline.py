@@ -136,6 +136,7 @@ class Pipeline:
         self.ray_connected = False
         self.storage = storage or Storage(cfg.storage.s3)
         self.run_dir = run_uri(cfg, plan.run_id)
+        self.storage.ensure_bucket(self.run_dir)
         self.state = read_state(cfg, plan.run_id, self.storage) or {
             "run_id": plan.run_id,
             "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
