@@ -116,9 +116,10 @@ def submit(env: dict, *args: str) -> str:
 
 
 def status(env: dict, job: str) -> str:
-    out = run([str(BIN / "ray"), "job", "status", job], env, timeout=60)
-    found = re.search(r"Status for job '\w+': (\w+)", out.stdout + out.stderr)
-    return found.group(1) if found else "UNKNOWN"
+    """The job's state from the job API (the CLI words it differently once the job ended)."""
+    from ray.job_submission import JobSubmissionClient
+
+    return JobSubmissionClient(env["RAY_ADDRESS"]).get_job_status(job).value
 
 
 def logs(env: dict, job: str) -> str:
