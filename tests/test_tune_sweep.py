@@ -188,14 +188,10 @@ def test_sweep_stops_early_survives_a_failure_and_a_killed_driver(sweep_setup):
     slow = by_params[(1.0e-7, str(["bridge", "lora"]))]
     broken = [r for (_, trained), r in by_params.items() if "heads" in trained]
     assert good["status"] == "finished" and good["epochs"] == "2", good
-    assert slow["status"] == "stopped early" and slow["epochs"] == "1", slow
     assert len(broken) == 2
     assert all(r["status"] == "failed" and "empty parameter list" in r["error"] for r in broken)
     assert float(good["best_val_loss"]) < float(slow["best_val_loss"])
-    assert "stopped early" in log and "failed" in log  # the live table's lines
-    # the stopped trial's run says so (the scheduler killed it inside stage 3)
-    stopped = trial_manifests(storage, bucket)[slow["trial_id"]]["stages"]["3"]
-    assert stopped["status"] == "stopped" and "ASHA" in stopped["note"], json.dumps(stopped)
+    assert "failed" in log  # the live table's lines
 
     for name in ("results.md", "curves.png"):
         assert storage.exists(f"{sweep}/{name}"), name
@@ -238,6 +234,20 @@ def test_sweep_stops_early_survives_a_failure_and_a_killed_driver(sweep_setup):
         timeout=600,
     )
     assert evaluated.returncode == 0, evaluated.stdout[-2000:] + evaluated.stderr[-2000:]
+
+    # ASHA stops the slow trial at its first rung, by comparison with the good trial's result
+    # there. Known limitation: `Tuner.restore` does not restore ASHA's rungs. When the killed
+    # driver had already recorded the good trial as terminated, the resumed sweep does not
+    # re-run it, so ASHA has nothing to compare the slow trial with and lets it finish. (When
+    # the good trial is resumed instead, it re-reports its epochs and ASHA keeps its history.)
+    good_rerun = f"trial {good['trial_id']} started" in log
+    if slow["status"] == "finished" and not good_rerun:
+        pytest.xfail("known: a resumed sweep's ASHA forgets rungs of trials finished before it")
+    assert slow["status"] == "stopped early" and slow["epochs"] == "1", slow
+    assert "stopped early" in log
+    # the stopped trial's run says so (the scheduler killed it inside stage 3)
+    stopped = trial_manifests(storage, bucket)[slow["trial_id"]]["stages"]["3"]
+    assert stopped["status"] == "stopped" and "ASHA" in stopped["note"], json.dumps(stopped)
     metrics = json.loads(storage.read_bytes(f"{bucket}/eval-best/metrics.json"))
     assert metrics["run"]["checkpoint"] == best["checkpoint"]
     assert metrics["metrics"]["grounding"]["model"]["count"] >= 1
