@@ -39,7 +39,8 @@ test: lint system-deps
 test-cluster: lint
 	RAY_DATA_DISABLE_PROGRESS_BARS=1 $(BIN)/python -m pytest -m multinode tests/test_multinode.py
 
-# `ray job submit` of jobs/pipeline.py against a Ray head started by `damo cluster up` (~13 min).
+# `ray job submit` of jobs/pipeline.py against a Ray head started by `damo cluster up` (~13 min);
+# also part of `make test`, this runs it alone.
 test-jobs: lint
 	RAY_DATA_DISABLE_PROGRESS_BARS=1 $(BIN)/python -m pytest -m jobs tests/test_jobs.py
 

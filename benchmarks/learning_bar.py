@@ -1,8 +1,10 @@
 """The learning bar: does the tiny preset learn the synthetic world, and does each part matter?
 
-Everything goes through the platform's own path, as `make demo` does, only bigger:
+Everything goes through the platform's own pipeline (`damo.pipeline.run_pipeline`, as
+`make demo` and `jobs/pipeline.py` run it), only bigger:
   embedded S3 server -> tiny backbones -> synthetic world (--clips) -> Ray Data extraction
-  -> the 4-stage Ray Train run -> Ray Data batch evaluation on a held-out world.
+  -> the 4-stage Ray Train run; a second pipeline makes and extracts the held-out world; then
+  Ray Data batch evaluation on it.
 Then the ablations, each evaluated the same way:
   - audio swapped at inference: each test video hears the audio of the test video nearest in
     duration (does the model use the sound of *this* clip?);
@@ -31,7 +33,6 @@ import argparse
 import json
 import os
 import time
-from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -232,24 +233,31 @@ def main() -> None:
     import ray
 
     from damo.config import load_config
-    from damo.config.data import SyntheticConfig
-    from damo.config.loader import config_hash
-    from damo.data.backbones import make_tiny_backbones
-    from damo.data.extract import connect_ray, extract_features, feature_config_hash, video_uris
+    from damo.config.loader import config_hash, with_overrides
+    from damo.data.extract import feature_config_hash
     from damo.data.records import write_records
-    from damo.data.synthetic import generate_world, load_world_records
-    from damo.demo import BUCKET, DemoSize, demo_config, timed_step
+    from damo.data.synthetic import load_world_records
+    from damo.demo import BUCKET, DemoSize, demo_config
     from damo.eval.batch import EvalSettings, evaluate_checkpoint, retrieval
+    from damo.pipeline import PipelinePlan, run_pipeline
     from damo.storage import Storage, join
     from damo.storage.s3server import EmbeddedS3Server
-    from damo.train.pipeline import train_pipeline, training_hash
+    from damo.train.pipeline import read_manifest, run_uri, training_hash
 
     console = Console()
     started = time.monotonic()
     timings: dict[str, float] = {}
 
-    def timed(name: str, work):
-        return timed_step(console, timings, name, work)
+    def log(line: str) -> None:
+        console.print(line, markup=False, highlight=False)
+
+    def pipeline(cfg, plan: PipelinePlan, name: str) -> dict:
+        """`damo.pipeline` as `make demo` runs it; each step's seconds go into the timings."""
+        console.rule(f"[bold]{name}")
+        state = run_pipeline(cfg, plan, storage, log=log)
+        for step, entry in state["steps"].items():
+            timings[f"{name}: {step}"] = entry.get("wall_s", 0.0)
+        return state
 
     overrides = [*BUDGET, *args.set]
     base = load_config("tiny", overrides)
@@ -265,60 +273,67 @@ def main() -> None:
         cfg = cfg.model_copy(update={"model": cfg.model.with_backbones_at(backbones)})
         storage = Storage(cfg.storage.s3)
         storage.ensure_bucket(BUCKET)
+        world = join(BUCKET, "world")
+        heldout_seed = cfg.data.synthetic.seed + 1
+        heldout = join(BUCKET, f"heldout-{heldout_seed}-{args.test_clips}")
+        # the held-out world is a pipeline of its own (world -> extract), with its own records
+        # and features, so that nothing of it reaches training
+        heldout_cfg = with_overrides(
+            cfg,
+            [
+                f"data.synthetic.seed={heldout_seed}",
+                f"train.data.records={join(heldout, 'records')}",
+                f"train.data.features={join(BUCKET, 'features-' + heldout.rsplit('/', 1)[-1])}",
+            ],
+        )
+        heldout_features = heldout_cfg.train.data.features
+        test_records = join(heldout, "records", "all.parquet")
         try:
-            if not storage.exists(join(backbones, "llm", "config.json")):
-                timed(
-                    "tiny backbones",
-                    lambda: make_tiny_backbones(
-                        backbones, cfg.model, storage, args.lm_steps, args.clips
-                    ),
-                )
-            world = join(BUCKET, "world")
-            settings = SyntheticConfig.model_validate(
-                {**cfg.data.synthetic.model_dump(), "num_clips": args.clips}
-            )
-            heldout_settings = settings.model_copy(
-                update={"num_clips": args.test_clips, "seed": settings.seed + 1}
-            )
-            heldout = join(BUCKET, f"heldout-{heldout_settings.seed}-{args.test_clips}")
-            timed("synthetic world", lambda: generate_world(world, storage, settings))
-            timed("held-out world", lambda: generate_world(heldout, storage, heldout_settings))
-            test_records = join(heldout, "records", "all.parquet")
-            write_records(load_world_records(heldout, storage).to_pylist(), test_records, storage)
-            connect_ray(cfg)
-            features = cfg.train.data.features
-            heldout_features = join(BUCKET, "features-" + heldout.rsplit("/", 1)[-1])
-            for name, videos, out in (
-                ("feature extraction", join(world, "videos"), features),
-                ("held-out feature extraction", join(heldout, "videos"), heldout_features),
-            ):
-                timed(
-                    name,
-                    lambda videos=videos, out=out: extract_features(
-                        video_uris(storage, videos), out, cfg, storage=storage
-                    ),
-                )
             for seed in args.seeds:
-                seeded = cfg.model_copy(update={"seed": seed})
+                seeded = with_overrides(cfg, [f"seed={seed}"])
                 # the same budget and seed resume the same run (the hash leaves out the seed)
                 run_id = f"bar-{training_hash(seeded)[:8]}-seed{seed}"
-                full = timed(
+                pipeline(
+                    seeded,
+                    PipelinePlan(
+                        run_id,
+                        tiny_backbones=True,
+                        lm_steps=args.lm_steps,
+                        world=world,
+                        clips=args.clips,
+                        evaluate_split=None,
+                    ),
                     f"seed {seed}: 4 stages",
-                    partial(train_pipeline, seeded, run_id, storage=storage, log=console.print),
                 )
+                full = read_manifest(storage, run_uri(seeded, run_id))
+                # after the first training pipeline: it built the backbones that the held-out
+                # features need (a later seed finds them done)
+                pipeline(
+                    heldout_cfg,
+                    PipelinePlan(
+                        f"heldout-{heldout_seed}-{args.test_clips}-{tag[:8]}",
+                        world=heldout,
+                        clips=args.test_clips,
+                        stages=(),
+                        evaluate_split=None,
+                    ),
+                    "held-out world",
+                )
+                if not storage.exists(test_records):
+                    records = load_world_records(heldout, storage).to_pylist()
+                    write_records(records, test_records, storage)
                 checkpoint = {int(k): v["checkpoint"] for k, v in full["stages"].items()}
-                skip3 = timed(
-                    f"seed {seed}: stage 3 skipped",
-                    partial(
-                        train_pipeline,
-                        seeded,
+                pipeline(
+                    seeded,
+                    PipelinePlan(
                         f"{run_id}-skip3",
                         stages=(4,),
                         init_checkpoint=checkpoint[2],
-                        storage=storage,
-                        log=console.print,
+                        evaluate_split=None,
                     ),
+                    f"seed {seed}: stage 3 skipped",
                 )
+                skip3 = read_manifest(storage, run_uri(seeded, f"{run_id}-skip3"))
                 checkpoints = {
                     "full": checkpoint[4],
                     "stage3": checkpoint[3],
@@ -326,20 +341,19 @@ def main() -> None:
                 }
                 evaluated = {}
                 for name, (key, audio) in VARIANTS.items():
+                    console.rule(f"[bold]seed {seed}: evaluate {name}")
                     out = join(BUCKET, "eval", run_id, name.split(" (")[0].replace(" ", "-"))
-                    result = timed(
-                        f"seed {seed}: evaluate {name}",
-                        partial(
-                            evaluate_checkpoint,
-                            seeded,
-                            checkpoints[key],
-                            heldout_features,
-                            test_records,
-                            out,
-                            EvalSettings(audio=audio, plots=2, seed=seed),
-                            storage,
-                        ),
+                    begun = time.monotonic()
+                    result = evaluate_checkpoint(
+                        seeded,
+                        checkpoints[key],
+                        heldout_features,
+                        test_records,
+                        out,
+                        EvalSettings(audio=audio, plots=2, seed=seed),
+                        storage,
                     )
+                    timings[f"seed {seed}: evaluate {name}"] = time.monotonic() - begun
                     evaluated[name] = {"checkpoint": checkpoints[key], "audio": audio, **result}
                 per_seed[str(seed)] = {
                     "run_id": run_id,
@@ -351,7 +365,7 @@ def main() -> None:
                     # among the training world's own test videos (a stage-1 check, not QA)
                     "stage1_retrieval": retrieval(
                         checkpoint[1],
-                        features,
+                        cfg.train.data.features,
                         join(cfg.train.data.records, "test.parquet"),
                         storage,
                         feature_config_hash(cfg),
@@ -370,7 +384,7 @@ def main() -> None:
         "max_steps": args.max_steps,
         "overrides": overrides,
         "cpus": os.cpu_count(),
-        "test_set": test_set_summary(first, args.test_clips, heldout_settings.seed),
+        "test_set": test_set_summary(first, args.test_clips, heldout_seed),
         "per_seed": per_seed,
         "timings_s": timings,
         "total_s": round(time.monotonic() - started, 1),

@@ -12,7 +12,6 @@ import json
 import sys
 import time
 import urllib.request
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -49,16 +48,6 @@ class DemoSize:
         if name not in sizes:
             raise ValueError(f"unknown demo size {name!r} (known: {', '.join(sizes)})")
         return sizes[name]
-
-
-def timed_step(console: Console, timings: dict, name: str, work: Callable):
-    """Run one named step under a rule; its seconds go into `timings[name]`."""
-    console.rule(f"[bold]{name}")
-    started = time.monotonic()
-    result = work()
-    timings[name] = time.monotonic() - started
-    console.print(f"{name}: {timings[name]:.1f}s")
-    return result
 
 
 def demo_config(cfg: DamoConfig, server_s3, size: DemoSize) -> DamoConfig:
