@@ -22,6 +22,7 @@ Steps, in order (those without their option are left out):
 from __future__ import annotations
 
 import json
+import logging
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -164,6 +165,11 @@ class Pipeline:
         connect_ray(self.cfg, log_to_driver=False)
         import ray.data
 
+        if "deploy" in self.plan.steps:
+            # Serve gives its logger a console handler when it is imported: import it now, so
+            # that the redirection below covers it
+            import ray.serve  # noqa: F401
+
         # Ray Data's per-operator bars would interleave with the one line a step printed here
         ray.data.DataContext.get_current().enable_progress_bars = False
         self.ray_connected = True
@@ -171,6 +177,8 @@ class Pipeline:
         if where is not None:
             driver_log = Path(where) / "damo-driver.log"
             ray_logs_to_file(driver_log)
+            # connect_ray quietened the "ray" logger for ray.init's banner; the file takes INFO
+            logging.getLogger("ray").setLevel(logging.INFO)
             where = f"{where} (this driver's Ray messages: {driver_log.name})"
         self.log(f"Ray joined; its logs: {where or 'on the cluster (ray job logs, dashboard)'}")
 
@@ -229,8 +237,15 @@ class Pipeline:
         root = self.cfg.model.llm.path.rstrip("/").rsplit("/", 1)[0]
         marker = join(self.cfg.model.llm.path, "config.json")
         if not self.storage.exists(marker):
+            from transformers.utils import logging as transformers_logging
+
             clips = self.plan.clips or self.cfg.data.synthetic.num_clips
-            make_tiny_backbones(root, self.cfg.model, self.storage, self.plan.lm_steps, clips)
+            # one-shard "Writing model shards" bars would break the one line a step
+            transformers_logging.disable_progress_bar()
+            try:
+                make_tiny_backbones(root, self.cfg.model, self.storage, self.plan.lm_steps, clips)
+            finally:
+                transformers_logging.enable_progress_bar()
         return {"summary": f"tiny backbones at {root}", "output": marker}
 
     def step_world(self) -> dict:
@@ -368,20 +383,18 @@ class Pipeline:
 
 
 def ray_logs_to_file(path: Path) -> None:
-    """Ray's own driver-side messages (its loggers and its deprecation warnings) go to `path`
-    instead of the console, which keeps one line a step."""
-    import logging
-
+    """Ray's own driver-side messages (its loggers, its deprecation warnings and the raylet's
+    warnings relayed to the driver) go to `path` instead of the console, which keeps one line a
+    step."""
     handler = logging.FileHandler(path)
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
     for name, logger in list(logging.root.manager.loggerDict.items()):
         ours = name == "ray" or name.startswith("ray.")
         if ours and isinstance(logger, logging.Logger):
-            logger.handlers = [
-                h
-                for h in logger.handlers
-                if isinstance(h, logging.FileHandler) or not isinstance(h, logging.StreamHandler)
-            ]
+            consoles = [h for h in logger.handlers if is_console_handler(h)]
+            logger.handlers = [h for h in logger.handlers if h not in consoles]
+            if consoles and not logger.propagate:  # e.g. ray.serve: keep its lines, in the file
+                logger.addHandler(handler)
     ray_logger = logging.getLogger("ray")
     ray_logger.addHandler(handler)
     ray_logger.propagate = False
@@ -389,6 +402,35 @@ def ray_logs_to_file(path: Path) -> None:
     warnings_logger = logging.getLogger("py.warnings")
     warnings_logger.handlers = [handler]
     warnings_logger.propagate = False
+    raylet_messages_to(logging.getLogger("ray.raylet_messages"))
+
+
+def is_console_handler(handler) -> bool:
+    return isinstance(handler, logging.StreamHandler) and not isinstance(
+        handler, logging.FileHandler
+    )
+
+
+def raylet_messages_to(logger) -> None:
+    """The raylet's warnings (worker start-up counts, retried tasks) reach the driver through
+    Ray's error channel, which prints them with `print_to_stdstream` whatever `log_to_driver`
+    says; Ray has no option for it, so its printer is wrapped. Lines from workers still go to
+    the console as Ray prints them (log_to_driver decides those)."""
+    from ray._private import worker
+
+    printer = worker.print_to_stdstream
+    if getattr(printer, "damo_wrapped", False):
+        return
+
+    def print_or_log(data, *args, **kwargs):
+        if data.get("pid") == "raylet":
+            for line in data.get("lines", []):
+                logger.warning("(raylet) %s", line)
+            return None
+        return printer(data, *args, **kwargs)
+
+    print_or_log.damo_wrapped = True
+    worker.print_to_stdstream = print_or_log
 
 
 def now() -> str:

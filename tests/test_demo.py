@@ -35,6 +35,10 @@ def test_smoke_demo_runs_the_whole_pipeline(tmp_path):
     assert "the deployed service, asked about held-out clips" in out.stdout
     assert "web page: http://127.0.0.1:" in out.stdout
     assert "sweep demo-" in out.stdout  # the sweep's summary line
+    # Ray's and the libraries' own chatter went to the log file, not to the console
+    noises = ("(raylet)", "Started a local Ray instance", "Writing model shards", "Started Serve")
+    for noise in noises:
+        assert noise not in out.stdout + out.stderr, noise
     reports = list((keep / "report").glob("demo-*"))
     assert len(reports) == 1
     report = reports[0]

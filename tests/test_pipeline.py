@@ -169,3 +169,43 @@ def test_each_dataset_config_says_a_pipeline_that_can_run(name):
     assert plan.videos == f"s3://damo-data/{name}/videos"
     if name != "paper":  # grounding-only data: fine-tune from the paper's stage 2
         assert plan.stages == (3, 4) and plan.init_checkpoint.endswith("checkpoints/stage2")
+
+
+RAY_CHATTER = """
+import logging, sys
+from pathlib import Path
+from ray._private import worker
+import ray.serve
+from damo.pipeline import ray_logs_to_file
+
+log = Path(sys.argv[1])
+ray_logs_to_file(log)
+logging.getLogger("ray").setLevel(logging.INFO)
+worker.print_to_stdstream(
+    {"lines": ["WARNING: 8 PYTHON worker processes"], "pid": "raylet", "is_err": False}, False
+)
+worker.print_to_stdstream(
+    {"lines": ["a worker's own line"], "pid": 123, "ip": "127.0.0.1", "is_err": False,
+     "actor_name": "", "task_name": "t"}, False
+)
+logging.getLogger("ray.serve").info("Started Serve in namespace")
+logging.getLogger("ray.data").warning("a Ray Data warning")
+"""
+
+
+def test_ray_messages_go_to_the_log_file_and_worker_lines_still_print(tmp_path):
+    """The pipeline's console keeps one line a step: the raylet's relayed warnings and Ray's
+    loggers (Serve's own console handler included) go to the driver's log file."""
+    import subprocess
+    import sys
+
+    log = tmp_path / "damo-driver.log"
+    out = subprocess.run(
+        [sys.executable, "-c", RAY_CHATTER, str(log)], capture_output=True, text=True, timeout=120
+    )
+    assert out.returncode == 0, out.stderr
+    console = out.stdout + out.stderr
+    for line in ("8 PYTHON worker processes", "Started Serve", "a Ray Data warning"):
+        assert line not in console
+        assert line in log.read_text()
+    assert "a worker's own line" in out.stdout  # log_to_driver decides those, not this

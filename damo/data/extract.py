@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import time
 import uuid
@@ -599,6 +600,8 @@ def connect_ray(cfg: DamoConfig, log_to_driver: bool = True) -> None:
         num_cpus=ray_cfg.num_cpus if local else None,
         object_store_memory=memory * 1024 * 1024 if memory and local else None,
         log_to_driver=log_to_driver,
+        # a command that draws its own progress keeps ray.init's banner off its console too
+        logging_level=logging.INFO if log_to_driver else logging.WARNING,
     )
 
 
