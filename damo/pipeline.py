@@ -172,13 +172,13 @@ class Pipeline:
 
         # Ray Data's per-operator bars would interleave with the one line a step printed here
         ray.data.DataContext.get_current().enable_progress_bars = False
+        # connect_ray quietened the "ray" logger for ray.init's banner only; in a job too
+        logging.getLogger("ray").setLevel(logging.INFO)
         self.ray_connected = True
         where = ray_log_dir()
         if where is not None:
             driver_log = Path(where) / "damo-driver.log"
             ray_logs_to_file(driver_log)
-            # connect_ray quietened the "ray" logger for ray.init's banner; the file takes INFO
-            logging.getLogger("ray").setLevel(logging.INFO)
             where = f"{where} (this driver's Ray messages: {driver_log.name})"
         self.log(f"Ray joined; its logs: {where or 'on the cluster (ray job logs, dashboard)'}")
 
