@@ -166,14 +166,24 @@ def feature_dataset(selection: FeatureSelection, feature_hash: str):
         )
         return {name: batch[name][keep] for name in FEATURE_COLUMNS}
 
-    return (
-        ray.data.read_parquet(
+    # Ray 2.60's default Parquet reader (DataSourceV2) starts a pool of 32 footer-reading
+    # actors at every execution of a dataset, and a stage executes its datasets at every epoch
+    # and every validation: on 2 CPUs each read took 10-15 s. The V1 reader reads a few shards'
+    # footers inline, about 5x faster per read (benchmarks/README.md, section 10). The choice
+    # is made here, when the dataset is built, so the context is restored right after.
+    context = ray.data.DataContext.get_current()
+    shipped, context.use_datasource_v2 = context.use_datasource_v2, False
+    try:
+        features = ray.data.read_parquet(
             selection.paths,
             filesystem=selection.filesystem,
             columns=[*FEATURE_COLUMNS, "key", "config_hash"],
             include_paths=True,
         )
-        .filter(expr=(col("config_hash") == feature_hash) & col("key").is_in(selection.keys))
+    finally:
+        context.use_datasource_v2 = shipped
+    return (
+        features.filter(expr=(col("config_hash") == feature_hash) & col("key").is_in(selection.keys))
         .map_batches(chosen_rows, batch_format="numpy")
     )
 
