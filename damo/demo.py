@@ -42,8 +42,8 @@ class DemoSize:
     @classmethod
     def named(cls, name: str) -> DemoSize:
         sizes = {
-            # 910 s on 2 cores (fresh clone, README): six Ray Train runs (4 stages, 2 trials)
-            # at about a minute of start-up each are much of it
+            # 585 s on 2 cores (fresh clone, README); six Ray Train runs (4 stages, 2 trials),
+            # each with about half a minute of fixed cost, are half of it
             "full": cls(clips=40, lm_steps=200, max_steps=None),
             "smoke": cls(clips=20, lm_steps=30, max_steps=2, questions=2),
         }
