@@ -71,8 +71,9 @@ def run_variant(endpoint_env: dict, paths: list[str], repeats: int) -> list[floa
     from damo.config.schema import S3Config
     from damo.storage import Storage
 
-    ray.init(num_cpus=2, object_store_memory=256 * 2**20, include_dashboard=False,
-             log_to_driver=False)
+    ray.init(
+        num_cpus=2, object_store_memory=256 * 2**20, include_dashboard=False, log_to_driver=False
+    )
     ray.data.DataContext.get_current().enable_progress_bars = False
     fs, _ = Storage(S3Config(**endpoint_env)).pyarrow_filesystem(f"s3://{BUCKET}/features")
     seconds = []
@@ -95,7 +96,9 @@ def main() -> None:
     parser.add_argument("--shards", type=int, default=4)
     parser.add_argument("--rows", type=int, default=10, help="rows per shard")
     parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--out", type=Path, default=Path(__file__).with_name("results_parquet_read.json"))
+    parser.add_argument(
+        "--out", type=Path, default=Path(__file__).with_name("results_parquet_read.json")
+    )
     parser.add_argument("--variant-json", help=argparse.SUPPRESS)  # internal: one variant's run
     args = parser.parse_args()
     if args.variant_json:
@@ -122,7 +125,9 @@ def main() -> None:
             out = subprocess.run(
                 [sys.executable, __file__, "--repeats", str(args.repeats), "--variant-json", spec],
                 env={**os.environ, **env, "RAY_AUTH_MODE": "disabled"},
-                capture_output=True, text=True, check=True,
+                capture_output=True,
+                text=True,
+                check=True,
             )
             seconds = json.loads(out.stdout.strip().splitlines()[-1])
             results[name] = {
@@ -130,14 +135,26 @@ def main() -> None:
                 "best_s": round(min(seconds), 2),
                 "rounds_s": [round(s, 2) for s in seconds],
             }
-            print(f"{name:12s} median {results[name]['median_s']:6.2f} s  best "
-                  f"{results[name]['best_s']:6.2f} s  rounds {results[name]['rounds_s']}",
-                  flush=True)
+            print(
+                f"{name:12s} median {results[name]['median_s']:6.2f} s  best "
+                f"{results[name]['best_s']:6.2f} s  rounds {results[name]['rounds_s']}",
+                flush=True,
+            )
     base = results["v2-default"]["median_s"]
-    for name, row in results.items():
+    for row in results.values():
         row["vs_default"] = round(row["median_s"] / base, 3)
-    args.out.write_text(json.dumps({"shards": args.shards, "rows_per_shard": args.rows,
-                                    "repeats": args.repeats, "variants": results}, indent=2) + "\n")
+    args.out.write_text(
+        json.dumps(
+            {
+                "shards": args.shards,
+                "rows_per_shard": args.rows,
+                "repeats": args.repeats,
+                "variants": results,
+            },
+            indent=2,
+        )
+        + "\n"
+    )
     print(f"wrote {args.out}")
 
 

@@ -182,10 +182,9 @@ def feature_dataset(selection: FeatureSelection, feature_hash: str):
         )
     finally:
         context.use_datasource_v2 = shipped
-    return (
-        features.filter(expr=(col("config_hash") == feature_hash) & col("key").is_in(selection.keys))
-        .map_batches(chosen_rows, batch_format="numpy")
-    )
+    return features.filter(
+        expr=(col("config_hash") == feature_hash) & col("key").is_in(selection.keys)
+    ).map_batches(chosen_rows, batch_format="numpy")
 
 
 def training_dataset(
