@@ -204,3 +204,54 @@ def test_optuna_draws_trials_from_the_space_and_refuses_a_grid():
     assert isinstance(drawn["model.fuseformer.visual_queries"], int)
     with pytest.raises(SweepError, match="is a grid"):
         make_searcher(optuna, load_space("tune_spaces/fuseformer_grid.yaml"))
+
+
+def write_epochs(root, trial_id: str, losses: list[float]) -> None:
+    metrics = root / "trials" / trial_id / "metrics"
+    metrics.mkdir(parents=True)
+    rows = [{"stage": 3, "epoch": 0, "step": 0, "val_loss": 0.9}]  # before training: no rung
+    rows += [{"stage": 3, "epoch": e, "val_loss": v} for e, v in enumerate(losses, 1)]
+    (metrics / "stage3.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+
+
+def test_a_resumed_asha_refills_its_rungs_from_the_trials_epoch_records(tmp_path):
+    """`Tuner.restore` brings back the scheduler pickled at the sweep's start, rungs empty;
+    the trials Tune adds back refill them, so a slow trial is still compared with them."""
+    import pickle
+    from types import SimpleNamespace
+
+    from ray.tune.schedulers import TrialScheduler
+
+    from damo.tune.sweep import make_scheduler
+
+    overrides = ["train.stages.stage3.epochs=6", "tune.metric=val_loss", "tune.mode=min"]
+    cfg = load_config("tiny", overrides)  # ASHA's defaults: grace 1, reduction factor 3
+    write_epochs(tmp_path, "good", [0.50, 0.45, 0.40, 0.38, 0.37, 0.36])  # finished
+    write_epochs(tmp_path, "cut", [0.70])  # stopped at the first rung
+    pickled = pickle.dumps(make_scheduler(cfg, str(tmp_path)))
+    assert b"secret" not in pickled  # it travels in object storage: no credentials in it
+    scheduler = pickle.loads(pickled)
+    scheduler.set_search_properties("val_loss", "min")
+    for trial_id in ("good", "cut", "new"):  # `new` has no record yet: nothing to refill
+        scheduler.on_trial_add(None, SimpleNamespace(trial_id=trial_id))
+    assert scheduler.rung_results() == {1: {"good": 0.50, "cut": 0.70}, 3: {"good": 0.40}}
+
+    slow = {"training_iteration": 1, "val_loss": 0.65}
+    new = SimpleNamespace(trial_id="new")
+    assert scheduler.on_trial_result(None, new, slow) == TrialScheduler.STOP
+    fresh = SimpleNamespace(trial_id="fresh")
+    scheduler.on_trial_add(None, fresh)
+    better = {"training_iteration": 1, "val_loss": 0.30}
+    assert scheduler.on_trial_result(None, fresh, better) == TrialScheduler.CONTINUE
+
+
+def test_a_stage_resumed_from_a_checkpoint_counts_each_epoch_once(tmp_path):
+    from damo.tune.scheduler import EpochHistory, use_storage
+
+    write_epochs(tmp_path, "t", [0.5, 0.4, 0.3])
+    with (tmp_path / "trials/t/metrics/stage3.jsonl").open("a") as f:  # epoch 3 again
+        f.write(json.dumps({"stage": 3, "epoch": 3, "step": 15, "val_loss": 0.31}) + "\n")
+    use_storage(str(tmp_path), load_config("tiny").storage.s3)
+    history = EpochHistory(str(tmp_path), 3, "val_loss")
+    assert history("t") == [(1, 0.5), (2, 0.4), (3, 0.31)]
+    assert history("absent") == []

@@ -236,13 +236,8 @@ def test_sweep_stops_early_survives_a_failure_and_a_killed_driver(sweep_setup):
     assert evaluated.returncode == 0, evaluated.stdout[-2000:] + evaluated.stderr[-2000:]
 
     # ASHA stops the slow trial at its first rung, by comparison with the good trial's result
-    # there. Known limitation: `Tuner.restore` does not restore ASHA's rungs. When the killed
-    # driver had already recorded the good trial as terminated, the resumed sweep does not
-    # re-run it, so ASHA has nothing to compare the slow trial with and lets it finish. (When
-    # the good trial is resumed instead, it re-reports its epochs and ASHA keeps its history.)
-    good_rerun = f"trial {good['trial_id']} started" in log
-    if slow["status"] == "finished" and not good_rerun:
-        pytest.xfail("known: a resumed sweep's ASHA forgets rungs of trials finished before it")
+    # there, also when the good trial had finished before the kill and is not re-run: the
+    # resumed scheduler refills its rungs from the trials' epoch records (ResumableASHA)
     assert slow["status"] == "stopped early" and slow["epochs"] == "1", slow
     assert "stopped early" in log
     # the stopped trial's run says so (the scheduler killed it inside stage 3)

@@ -6,8 +6,9 @@
         trials/<trial id>/   each trial's pipeline run (manifest, metrics, checkpoints)
         results.csv, results.md, heatmap.png, curves.png, best.json
 
-Re-running the same name resumes: finished trials are kept, unfinished ones restart from
-their own run (finished stages skipped, the running stage from its latest checkpoint).
+Re-running the same name resumes: finished trials are kept (with their ASHA rung results),
+unfinished ones restart from their own run (finished stages skipped, the running stage from
+its latest checkpoint).
 """
 
 from __future__ import annotations
@@ -63,12 +64,16 @@ def last_stage_epochs(cfg: DamoConfig) -> int:
     return cfg.train.stages.get(cfg.tune.last_stage).epochs
 
 
-def make_scheduler(cfg: DamoConfig):
-    from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
+def make_scheduler(cfg: DamoConfig, uri: str):
+    from ray.tune.schedulers import FIFOScheduler
 
+    from damo.tune.scheduler import EpochHistory, ResumableASHA, use_storage
+
+    use_storage(uri, cfg.storage.s3)
     if cfg.tune.scheduler == "fifo":
         return FIFOScheduler()
-    return ASHAScheduler(
+    return ResumableASHA(
+        epoch_history=EpochHistory(uri, cfg.tune.last_stage, cfg.tune.metric),
         time_attr="training_iteration",  # one per validated epoch of the last stage
         max_t=last_stage_epochs(cfg),
         grace_period=min(cfg.tune.asha.grace_period, last_stage_epochs(cfg)),
@@ -168,6 +173,9 @@ def run_sweep(
         experiment, storage_filesystem=fs
     )
     if resumed:
+        from damo.tune.scheduler import use_storage
+
+        use_storage(uri, cfg.storage.s3)  # for the restored scheduler (damo.tune.scheduler)
         record = check_resumable(storage, uri, space, cfg)
         tuner = tune.Tuner.restore(
             experiment,
@@ -197,7 +205,7 @@ def run_sweep(
             tune_config=tune.TuneConfig(
                 metric=cfg.tune.metric,
                 mode=cfg.tune.mode,
-                scheduler=make_scheduler(cfg),
+                scheduler=make_scheduler(cfg, uri),
                 search_alg=make_searcher(cfg, space),
                 num_samples=1 if space.grid else cfg.tune.num_samples,
                 # random/grid search limits itself (make_searcher); Tune limits a Searcher
