@@ -8,8 +8,11 @@
   4. a model replica killed by PID (SIGKILL) during a load run on two replicas: failed requests
      and whether the replica comes back.
 
-Tiny preset, a random tiny checkpoint (answers are nonsense; their cost is real), greedy
-decoding of at most --max-new-tokens tokens. Results go to benchmarks/results_serve.json.
+Tiny preset, a random checkpoint (answers are nonsense; their cost is real), greedy decoding
+of at most --max-new-tokens tokens. `--size tiny` keeps the tiny backbones; `--size base-llm`
+gives them real sizes at random weights (ViT-B/16 on 24 frames of 224 px, a Whisper-base
+encoder on 8 segments, a 12-layer 768-wide LLM), so that decoding + encoding a video and
+generating an answer cost what they cost with real checkpoints. Results go to --out.
 """
 
 from __future__ import annotations
@@ -25,7 +28,7 @@ import time
 from pathlib import Path
 
 import requests
-from bench_extract import CACHE, prepare
+from bench_extract import CACHE, SIZES, prepare
 
 QUESTION = "when is a high tone heard?"
 
@@ -60,12 +63,15 @@ def load(url: str, bodies: list[dict], concurrency: int) -> dict:
     }
 
 
-def serve_config(backbones: Path, videos: list[str], max_batch: int, replicas: int, tokens: int):
+def serve_config(
+    backbones: Path, videos: list[str], max_batch: int, replicas: int, tokens: int, size: str
+):
     from damo.config import load_config
 
     cfg = load_config(
         "tiny",
         [
+            *SIZES[size],
             f"storage.allowed_prefixes=[{Path(videos[0]).parent}]",
             "serve.port=0",
             "serve.model.autoscaling=null",
@@ -78,22 +84,25 @@ def serve_config(backbones: Path, videos: list[str], max_batch: int, replicas: i
             f"serve.batching.max_batch_size={max_batch}",
             "serve.batching.batch_wait_timeout_s=0.01",
             f"serve.limits.max_new_tokens={tokens}",
+            # base-size encoders take seconds per video on a quarter of a core
+            "serve.limits.decode_timeout_s=120",
+            "serve.limits.generate_timeout_s=120",
         ],
     )
     return cfg.model_copy(update={"model": cfg.model.with_backbones_at(str(backbones))})
 
 
-def random_checkpoint(backbones: Path) -> Path:
+def random_checkpoint(backbones: Path, size: str) -> Path:
     from damo.config import load_config
     from damo.model.checkpoint import save_checkpoint
     from damo.model.damo import DamoModel
 
-    out = CACHE / "serve-random-checkpoint"
+    out = CACHE / f"serve-random-checkpoint-{size}"
     if not (out / "config.json").exists():
         import torch
 
         torch.manual_seed(0)
-        cfg = load_config("tiny").model.with_backbones_at(str(backbones))
+        cfg = load_config("tiny", SIZES[size]).model.with_backbones_at(str(backbones))
         save_checkpoint(DamoModel.from_config(cfg), out, stage=4)
     return out
 
@@ -253,24 +262,25 @@ def main() -> None:
     parser.add_argument(
         "--in-process-only", action="store_true", help="Only generate(16) vs generate(1)."
     )
+    parser.add_argument("--size", choices=["tiny", "base-llm"], default="tiny")
     parser.add_argument("--out", default="benchmarks/results_serve.json")
     args = parser.parse_args()
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-    backbones, videos = prepare(args.clips)
-    checkpoint = random_checkpoint(backbones)
+    backbones, videos = prepare(args.clips, args.size)
+    checkpoint = random_checkpoint(backbones, args.size)
     cached, fresh = videos[: len(videos) // 2], videos[len(videos) // 2 :]
     if args.in_process_only:
-        cfg = serve_config(backbones, videos, 16, 1, args.max_new_tokens)
+        cfg = serve_config(backbones, videos, 16, 1, args.max_new_tokens, args.size)
         result = in_process_batching(cfg, checkpoint, cached, args.max_new_tokens)
         result["max_new_tokens"] = args.max_new_tokens
         Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
         print(json.dumps(result, indent=2))
         return
     ray.init(num_cpus=2, object_store_memory=256 * 2**20, include_dashboard=False)
-    results: dict = {"machine": f"{os.cpu_count()} CPUs, shared with other jobs"}
+    results: dict = {"machine": f"{os.cpu_count()} CPUs", "size": args.size}
     try:
         tokens = args.max_new_tokens
-        batched = serve_config(backbones, videos, 16, 1, tokens)
+        batched = serve_config(backbones, videos, 16, 1, tokens, args.size)
         url = deploy(batched, checkpoint)
         results["batched"] = bench_levels(url, cached, args)
         if not args.batching_only:
@@ -280,11 +290,11 @@ def main() -> None:
             results["in_process_p50_ms"] = round(
                 1000 * in_process_p50(batched, checkpoint, cached, args), 1
             )
-        url = deploy(serve_config(backbones, videos, 1, 1, tokens), checkpoint)
+        url = deploy(serve_config(backbones, videos, 1, 1, tokens, args.size), checkpoint)
         results["unbatched"] = bench_levels(url, cached, args)
         serve.shutdown()
         if not args.batching_only:
-            url = deploy(serve_config(backbones, videos, 16, 2, tokens), checkpoint)
+            url = deploy(serve_config(backbones, videos, 16, 2, tokens, args.size), checkpoint)
             load(url, bodies_for(cached, len(cached), tokens), 1)
             results["replica_kill"] = kill_during_load(url, cached, args)
     finally:

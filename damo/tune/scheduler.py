@@ -17,7 +17,6 @@ from ray.tune.schedulers import ASHAScheduler
 from damo.config.schema import S3Config
 from damo.storage import Storage, join
 
-
 # This driver's S3 settings per sweep URI. The scheduler travels inside the Tuner's pickle in
 # object storage, so it names its sweep and never holds credentials; `run_sweep` registers
 # them here before Tune starts.
