@@ -1,12 +1,15 @@
 """A DaMO checkpoint answering batches of (video features, question) pairs.
 
-The Serve deployment (damo.serve.app) wraps `Answerer.answer_batch` in `@serve.batch`, so
-concurrent requests share one `generate` call; benchmarks call it in-process to compare.
+The Serve deployment (damo.serve.app) wraps `Answerer.answer_batch` in `@serve.batch` and a
+`GenerationQueue`, so concurrent requests share one `generate` call; benchmarks call it
+in-process to compare.
 """
 
 from __future__ import annotations
 
+import asyncio
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -77,3 +80,46 @@ class Answerer:
         if len(ids) <= max_tokens:
             return text
         return self.tokenizer.decode(ids[:max_tokens], skip_special_tokens=True).strip()
+
+
+class GenerationQueue:
+    """One `generate` at a time; the questions that arrive while it runs go into the next one
+    together (up to `max_batch_size`).
+
+    Ray Serve 2.60's `@serve.batch` forms a batch as soon as its wait window ends, and then
+    queues the formed batch until the previous one is done (`max_concurrent_batches`). Under
+    load the model is busy for a whole generation while batches of one or two requests pile
+    up behind it, so requests wait for many generations and each runs nearly alone
+    (benchmarks/README section 7a measured batches of 1.1 at concurrency 16). The replica lets
+    every formed batch through at once and merges them here, where the model is.
+    """
+
+    def __init__(self, generate: Callable[[list], list], max_batch_size: int):
+        self.generate = generate
+        self.max_batch_size = max_batch_size
+        self.waiting: list[tuple[object, asyncio.Future]] = []
+        self.running: asyncio.Task | None = None
+
+    async def submit(self, items: list) -> list:
+        loop = asyncio.get_running_loop()
+        futures = [loop.create_future() for _ in items]
+        self.waiting.extend(zip(items, futures, strict=True))
+        if self.running is None or self.running.done():
+            self.running = loop.create_task(self._drain())
+        return list(await asyncio.gather(*futures))
+
+    async def _drain(self) -> None:
+        while self.waiting:
+            batch = self.waiting[: self.max_batch_size]
+            del self.waiting[: self.max_batch_size]
+            try:
+                # in a thread, so the replica keeps taking requests while the model generates
+                results = await asyncio.to_thread(self.generate, [item for item, _ in batch])
+            except Exception as err:  # every request of the batch gets the error
+                for _, future in batch:
+                    if not future.done():
+                        future.set_exception(err)
+                continue
+            for (_, future), result in zip(batch, results, strict=True):
+                if not future.done():
+                    future.set_result(result)

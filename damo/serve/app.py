@@ -27,7 +27,7 @@ from ray.serve.exceptions import BackPressureError
 from damo.config import DamoConfig
 from damo.eval.parse import parse_span
 from damo.serve import http as http_state
-from damo.serve.answer import Answer, Answerer, Question
+from damo.serve.answer import Answer, Answerer, GenerationQueue, Question
 from damo.serve.errors import ApiError
 from damo.serve.featurizer import Featurizer, VideoFeaturesRow
 from damo.serve.http import ERRORS, api, authorize
@@ -71,13 +71,17 @@ class ModelReplica:
         # `best` is resolved here, by each replica: a redeploy serves the latest best trial
         checkpoint_uri = resolve_checkpoint(checkpoint_uri, cfg)
         self.answerer = Answerer(cfg, checkpoint_uri, max(1, int(cfg.serve.model.num_cpus)))
-        self.answer.set_max_batch_size(cfg.serve.batching.max_batch_size)
+        max_batch_size = cfg.serve.batching.max_batch_size
+        self.generation = GenerationQueue(self.answerer.answer_batch, max_batch_size)
+        self.answer.set_max_batch_size(max_batch_size)
         self.answer.set_batch_wait_timeout_s(cfg.serve.batching.batch_wait_timeout_s)
 
-    @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.02)
+    # Batches formed by @serve.batch all go straight on (a batch holds at least one request,
+    # so max_ongoing_requests bounds them) to the generation queue, which merges the ones
+    # that arrive while the model is busy: see GenerationQueue for why.
+    @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.02, max_concurrent_batches=1024)
     async def answer(self, questions: list[Question]) -> list[Answer]:
-        # in a thread, so the replica keeps taking requests (the next batch) while it generates
-        return await asyncio.to_thread(self.answerer.answer_batch, questions)
+        return await self.generation.submit(questions)
 
     def pid(self) -> int:
         return os.getpid()
