@@ -85,3 +85,56 @@ def test_a_failed_generation_fails_its_own_requests_only():
     assert first == [("a", 1)]
     assert isinstance(bad, RuntimeError)
     assert after == [("c", 1)]  # the queue goes on after a failure
+
+
+async def closed_loop(queue: GenerationQueue, callers: int, rounds: int, think_s: float) -> None:
+    """`callers` clients that each ask, wait for the answer, take `think_s`, and ask again;
+    caller 0 starts first, alone, the way a load run's first request does."""
+
+    async def caller(name: int) -> None:
+        if name:
+            await asyncio.sleep(0.03)
+        for round_ in range(rounds):
+            await queue.submit([(name, round_)])
+            await asyncio.sleep(think_s)
+
+    await asyncio.gather(*(caller(i) for i in range(callers)))
+
+
+def test_under_load_the_next_batch_waits_for_the_callers_just_answered():
+    sizes = {}
+    for refill_wait_s in (0.0, 0.5):
+        model = SlowModel(seconds=0.1)
+        queue = GenerationQueue(model, max_batch_size=4, refill_wait_s=refill_wait_s)
+        asyncio.run(closed_loop(queue, callers=4, rounds=6, think_s=0.02))
+        sizes[refill_wait_s] = [len(batch) for batch in model.batches]
+    # without the wait the callers settle into halves that take turns with the model
+    assert sizes[0.0][:3] == [1, 3, 1] and max(sizes[0.0]) < 4
+    # with it the first batch runs alone, the second takes the 3 that queued meanwhile, and
+    # from then on every batch is full: it started as soon as the 4th caller was back
+    assert sizes[0.5][:2] == [1, 3]
+    assert sizes[0.5][2:] == [4] * 5, sizes[0.5]
+
+
+def test_a_lone_caller_and_a_full_batch_never_wait():
+    model = SlowModel(seconds=0.02)
+    queue = GenerationQueue(model, max_batch_size=4, refill_wait_s=5.0)
+    started = time.monotonic()
+    asyncio.run(closed_loop(queue, callers=1, rounds=5, think_s=0.0))
+    assert time.monotonic() - started < 2.0  # 5 answers, none waited the 5 s
+    assert [len(batch) for batch in model.batches] == [1] * 5
+
+    model = SlowModel(seconds=0.1)
+    queue = GenerationQueue(model, max_batch_size=2, refill_wait_s=5.0)
+
+    async def scenario():
+        first = asyncio.create_task(queue.submit(["a", "b"]))  # a batch of 2: under load
+        await asyncio.sleep(0.03)
+        full = asyncio.create_task(queue.submit(["c", "d"]))  # a full batch is waiting
+        await first
+        started = time.monotonic()
+        await full
+        return time.monotonic() - started
+
+    assert asyncio.run(scenario()) < 1.0
+    assert model.batches == [["a", "b"], ["c", "d"]]

@@ -107,6 +107,13 @@ class BatchingConfig(Section):
 
     max_batch_size: int = Field(default=8, ge=1)
     batch_wait_timeout_s: float = Field(default=0.02, ge=0)
+    refill_wait_s: float = Field(
+        default=0.1,
+        ge=0,
+        description="Under load (the batch just answered held more than one question), wait "
+        "up to this long after it for the next batch to fill: the callers just answered tend to "
+        "ask again at once. A lone caller never waits. 0 turns it off.",
+    )
 
 
 class LimitsConfig(Section):

@@ -71,10 +71,13 @@ class ModelReplica:
         # `best` is resolved here, by each replica: a redeploy serves the latest best trial
         checkpoint_uri = resolve_checkpoint(checkpoint_uri, cfg)
         self.answerer = Answerer(cfg, checkpoint_uri, max(1, int(cfg.serve.model.num_cpus)))
-        max_batch_size = cfg.serve.batching.max_batch_size
-        self.generation = GenerationQueue(self.answerer.answer_batch, max_batch_size)
+        batching = cfg.serve.batching
+        max_batch_size = batching.max_batch_size
+        self.generation = GenerationQueue(
+            self.answerer.answer_batch, max_batch_size, batching.refill_wait_s
+        )
         self.answer.set_max_batch_size(max_batch_size)
-        self.answer.set_batch_wait_timeout_s(cfg.serve.batching.batch_wait_timeout_s)
+        self.answer.set_batch_wait_timeout_s(batching.batch_wait_timeout_s)
 
     # Batches formed by @serve.batch all go straight on (a batch holds at least one request,
     # so max_ongoing_requests bounds them) to the generation queue, which merges the ones
