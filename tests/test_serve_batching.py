@@ -5,6 +5,7 @@ batches of one or two; benchmarks/README section 7a)."""
 from __future__ import annotations
 
 import asyncio
+import logging
 import threading
 import time
 
@@ -138,3 +139,47 @@ def test_a_lone_caller_and_a_full_batch_never_wait():
 
     assert asyncio.run(scenario()) < 1.0
     assert model.batches == [["a", "b"], ["c", "d"]]
+
+
+def test_ray_serves_warning_about_concurrent_batches_is_dropped_and_nothing_else(monkeypatch):
+    """The replica's many concurrent @serve.batch batches feed the GenerationQueue, so Ray's
+    warning that they keep batches small is wrong here; the real Ray queue emits it."""
+    from types import SimpleNamespace
+
+    from ray import serve
+    from ray.serve import batching
+
+    from damo.serve.answer import MergedBatchesWarningFilter, quiet_merged_batches_warning
+
+    context = SimpleNamespace(_deployment_config=SimpleNamespace(max_ongoing_requests=16))
+    monkeypatch.setattr(serve, "get_replica_context", lambda: context)
+    serve_logger = logging.getLogger("ray.serve")
+    monkeypatch.setattr(serve_logger, "filters", [])
+
+    async def make_queue():
+        batching._BatchQueue(max_batch_size=16, batch_wait_timeout_s=0, max_concurrent_batches=64)
+        serve_logger.warning("another warning")
+
+    class Records(logging.Handler):  # Ray's serve logger does not propagate to the root
+        def __init__(self):
+            super().__init__()
+            self.messages: list[str] = []
+
+        def emit(self, record):
+            self.messages.append(record.getMessage())
+
+    def warnings_logged() -> list[str]:
+        records = Records()
+        serve_logger.addHandler(records)
+        try:
+            asyncio.run(make_queue())
+        finally:
+            serve_logger.removeHandler(records)
+        return records.messages
+
+    before = warnings_logged()
+    assert any("`max_concurrent_batches`" in message for message in before)  # Ray still warns
+    quiet_merged_batches_warning()
+    quiet_merged_batches_warning()  # a second replica in the same process adds no second filter
+    assert sum(isinstance(f, MergedBatchesWarningFilter) for f in serve_logger.filters) == 1
+    assert warnings_logged() == ["another warning"]

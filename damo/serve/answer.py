@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -151,3 +152,23 @@ class GenerationQueue:
             for (_, future), result in zip(batch, results, strict=True):
                 if not future.done():
                     future.set_result(result)
+
+
+class MergedBatchesWarningFilter(logging.Filter):
+    """Drops Ray Serve's warning that `max_batch_size * max_concurrent_batches` exceeds
+    `max_ongoing_requests`.
+
+    The model replica allows many concurrent `@serve.batch` batches on purpose: they are how
+    requests reach the `GenerationQueue`, which merges them, so the model's batches do reach
+    `max_batch_size`, which is what the warning says cannot happen. Every other record passes.
+    """
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        return not ("`max_concurrent_batches`" in message and "`max_ongoing_requests`" in message)
+
+
+def quiet_merged_batches_warning() -> None:
+    serve_logger = logging.getLogger("ray.serve")
+    if not any(isinstance(f, MergedBatchesWarningFilter) for f in serve_logger.filters):
+        serve_logger.addFilter(MergedBatchesWarningFilter())

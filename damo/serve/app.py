@@ -27,7 +27,13 @@ from ray.serve.exceptions import BackPressureError
 from damo.config import DamoConfig
 from damo.eval.parse import parse_span
 from damo.serve import http as http_state
-from damo.serve.answer import Answer, Answerer, GenerationQueue, Question
+from damo.serve.answer import (
+    Answer,
+    Answerer,
+    GenerationQueue,
+    Question,
+    quiet_merged_batches_warning,
+)
 from damo.serve.errors import ApiError
 from damo.serve.featurizer import Featurizer, VideoFeaturesRow
 from damo.serve.http import ERRORS, api, authorize
@@ -71,6 +77,7 @@ class ModelReplica:
         # `best` is resolved here, by each replica: a redeploy serves the latest best trial
         checkpoint_uri = resolve_checkpoint(checkpoint_uri, cfg)
         self.answerer = Answerer(cfg, checkpoint_uri, max(1, int(cfg.serve.model.num_cpus)))
+        quiet_merged_batches_warning()
         batching = cfg.serve.batching
         max_batch_size = batching.max_batch_size
         self.generation = GenerationQueue(
