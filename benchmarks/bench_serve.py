@@ -51,7 +51,8 @@ def load(url: str, bodies: list[dict], concurrency: int) -> dict:
         results = list(pool.map(one, bodies))
     wall = time.perf_counter() - started
     latencies = [seconds for status, seconds, _ in results if status == 200]
-    batches = [r.json()["timings"]["batch_size"] for status, _, r in results if status == 200]
+    timings = [r.json()["timings"] for status, _, r in results if status == 200]
+    batches = [t["batch_size"] for t in timings]
     return {
         "concurrency": concurrency,
         "requests": len(bodies),
@@ -60,6 +61,11 @@ def load(url: str, bodies: list[dict], concurrency: int) -> dict:
         "p50_ms": round(1000 * percentile(latencies, 50), 1),
         "p99_ms": round(1000 * percentile(latencies, 99), 1),
         "mean_batch": round(statistics.mean(batches), 2) if batches else 0,
+        # the model's own time for the batch a request was in: what is left of the latency
+        # is queueing, the featurizer's cache lookup, the handles and HTTP
+        "mean_generate_ms": (
+            round(1000 * statistics.mean(t["generate_s"] for t in timings), 1) if timings else 0
+        ),
     }
 
 
