@@ -52,8 +52,9 @@ def object_store_sampler(period_s: float = 0.1):
     return thread.start, finish
 
 
-def measure(clips: int) -> dict:
-    """One run in this process (the damo on sys.path)."""
+def measure(clips: int, object_store_mb: float | None = None) -> dict:
+    """One run in this process (the damo on sys.path); `object_store_mb` caps extraction's
+    blocks in flight (`data.extract.object_store_mb`), else Ray Data's default share."""
     import ray
 
     sys.path.insert(0, str(HERE))
@@ -63,7 +64,10 @@ def measure(clips: int) -> dict:
     from damo.data.extract import connect_ray, extract_features
 
     backbones, uris = prepare(clips, "tiny")
-    cfg = tiny_config(backbones, ["ray.num_cpus=2", "ray.object_store_memory_mb=512"])
+    settings = ["ray.num_cpus=2", "ray.object_store_memory_mb=512"]
+    if object_store_mb is not None:
+        settings.append(f"data.extract.object_store_mb={object_store_mb}")
+    cfg = tiny_config(backbones, settings)
     out = CACHE / f"memory-out-{clips}"
     shutil.rmtree(out, ignore_errors=True)
     connect_ray(cfg)
@@ -79,6 +83,7 @@ def measure(clips: int) -> dict:
     return {
         "code": str(Path(damo.__file__).parents[1]),
         "clips": len(uris),
+        "object_store_cap_mib": object_store_mb,
         "seconds": elapsed,
         "peak_object_store_mib": peak["used_bytes"] / 2**20,
         "peak_spilled_mib": peak["spilled_bytes"] / 2**20,
@@ -91,12 +96,18 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--clips", type=int, nargs="+", default=[20, 80])
     parser.add_argument("--code", default=None, help="checkout to import damo from")
+    parser.add_argument(
+        "--object-store-mb",
+        type=float,
+        default=None,
+        help="cap on extraction's blocks in flight (data.extract.object_store_mb)",
+    )
     parser.add_argument("--one", action="store_true", help=argparse.SUPPRESS)  # child run
     parser.add_argument("--out", default="benchmarks/results_extract_memory.json")
     args = parser.parse_args()
     os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")
     if args.one:
-        print("RESULT " + json.dumps(measure(args.clips[0])), flush=True)
+        print("RESULT " + json.dumps(measure(args.clips[0], args.object_store_mb)), flush=True)
         return
     results = []
     env = dict(os.environ)
@@ -104,7 +115,8 @@ def main() -> None:
         env["PYTHONPATH"] = os.pathsep.join([args.code, env.get("PYTHONPATH", "")])
     for clips in args.clips:  # a fresh process (and Ray cluster) per size
         done = subprocess.run(
-            [sys.executable, __file__, "--one", "--clips", str(clips)],
+            [sys.executable, __file__, "--one", "--clips", str(clips)]
+            + ([f"--object-store-mb={args.object_store_mb}"] if args.object_store_mb else []),
             env=env,
             cwd=args.code,  # Ray puts the driver's directory first on the workers' path
             capture_output=True,

@@ -70,7 +70,13 @@ def load(url: str, bodies: list[dict], concurrency: int) -> dict:
 
 
 def serve_config(
-    backbones: Path, videos: list[str], max_batch: int, replicas: int, tokens: int, size: str
+    backbones: Path,
+    videos: list[str],
+    max_batch: int,
+    replicas: int,
+    tokens: int,
+    size: str,
+    overrides: tuple[str, ...] = (),
 ):
     from damo.config import load_config
 
@@ -93,6 +99,7 @@ def serve_config(
             # base-size encoders take seconds per video on a quarter of a core
             "serve.limits.decode_timeout_s=120",
             "serve.limits.generate_timeout_s=120",
+            *overrides,
         ],
     )
     return cfg.model_copy(update={"model": cfg.model.with_backbones_at(str(backbones))})
@@ -269,6 +276,13 @@ def main() -> None:
         "--in-process-only", action="store_true", help="Only generate(16) vs generate(1)."
     )
     parser.add_argument("--size", choices=["tiny", "base-llm"], default="tiny")
+    parser.add_argument(
+        "--set",
+        nargs="*",
+        default=[],
+        metavar="KEY=VALUE",
+        help="config overrides for every deployment, e.g. serve.batching.refill_wait_s=0.3",
+    )
     parser.add_argument("--out", default="benchmarks/results_serve.json")
     args = parser.parse_args()
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
@@ -276,17 +290,17 @@ def main() -> None:
     checkpoint = random_checkpoint(backbones, args.size)
     cached, fresh = videos[: len(videos) // 2], videos[len(videos) // 2 :]
     if args.in_process_only:
-        cfg = serve_config(backbones, videos, 16, 1, args.max_new_tokens, args.size)
+        cfg = serve_config(backbones, videos, 16, 1, args.max_new_tokens, args.size, args.set)
         result = in_process_batching(cfg, checkpoint, cached, args.max_new_tokens)
         result["max_new_tokens"] = args.max_new_tokens
         Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
         print(json.dumps(result, indent=2))
         return
     ray.init(num_cpus=2, object_store_memory=256 * 2**20, include_dashboard=False)
-    results: dict = {"machine": f"{os.cpu_count()} CPUs", "size": args.size}
+    results: dict = {"machine": f"{os.cpu_count()} CPUs", "size": args.size, "set": args.set}
     try:
         tokens = args.max_new_tokens
-        batched = serve_config(backbones, videos, 16, 1, tokens, args.size)
+        batched = serve_config(backbones, videos, 16, 1, tokens, args.size, args.set)
         url = deploy(batched, checkpoint)
         results["batched"] = bench_levels(url, cached, args)
         if not args.batching_only:
@@ -296,11 +310,13 @@ def main() -> None:
             results["in_process_p50_ms"] = round(
                 1000 * in_process_p50(batched, checkpoint, cached, args), 1
             )
-        url = deploy(serve_config(backbones, videos, 1, 1, tokens, args.size), checkpoint)
+        url = deploy(serve_config(backbones, videos, 1, 1, tokens, args.size, args.set), checkpoint)
         results["unbatched"] = bench_levels(url, cached, args)
         serve.shutdown()
         if not args.batching_only:
-            url = deploy(serve_config(backbones, videos, 16, 2, tokens, args.size), checkpoint)
+            url = deploy(
+                serve_config(backbones, videos, 16, 2, tokens, args.size, args.set), checkpoint
+            )
             load(url, bodies_for(cached, len(cached), tokens), 1)
             results["replica_kill"] = kill_during_load(url, cached, args)
     finally:

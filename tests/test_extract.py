@@ -9,7 +9,7 @@ from conftest import tiny_config
 
 from damo.config import load_config
 from damo.data.badmedia import build_media_corpus
-from damo.data.extract import ERRORS_DIR, FEATURES_DIR, extract_features
+from damo.data.extract import ERRORS_DIR, FEATURES_DIR, extract_features, object_store_cap
 from damo.storage import join
 
 TINY = load_config("tiny").data.decode
@@ -41,7 +41,8 @@ def corpus(s3_storage):
 
 @pytest.fixture(scope="module")
 def first_run(corpus, s3_server, s3_storage, tiny_backbones, ray_cluster):
-    cfg = s3_tiny_config(tiny_backbones, s3_server)
+    # a cap of about two blocks of rows: Ray Data holds the rest upstream, and no input is lost
+    cfg = s3_tiny_config(tiny_backbones, s3_server, ["data.extract.object_store_mb=0.5"])
     out = "s3://damo-extract-out/run"
     summary = extract_features(
         [item.uri for item in corpus], out, cfg, batch_size=3, storage=s3_storage
@@ -110,3 +111,19 @@ def test_a_changed_config_redoes_the_work(first_run, corpus, s3_server, s3_stora
     redo = extract_features(good, out, cfg, storage=s3_storage)
     assert redo.skipped == 0 and redo.ok == 1
     assert redo.feature_config_hash != summary.feature_config_hash
+
+
+def test_the_object_store_cap_holds_for_datasets_built_inside_it(ray_cluster):
+    import ray
+
+    context = ray.data.DataContext.get_current()
+    shipped = context.execution_options.resource_limits.object_store_memory
+    with object_store_cap(3):
+        dataset = ray.data.range(4)
+    assert dataset.context.execution_options.resource_limits.object_store_memory == 3 * 2**20
+    assert context.execution_options.resource_limits.object_store_memory == shipped
+    with pytest.raises(RuntimeError), object_store_cap(1):
+        raise RuntimeError("a failed extraction restores the context too")
+    assert context.execution_options.resource_limits.object_store_memory == shipped
+    with object_store_cap(None):  # no cap configured: Ray Data's own share of the store
+        assert context.execution_options.resource_limits.object_store_memory == shipped

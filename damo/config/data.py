@@ -88,6 +88,13 @@ class ExtractConfig(Section):
         description="Rows per Parquet shard. Each shard is durable once "
         "written: a killed run loses at most the shards in flight.",
     )
+    object_store_mb: float | None = Field(
+        default=None,
+        gt=0,
+        description="The most object-store memory extraction's blocks in flight may hold (Ray "
+        "Data's resource limit). Ray Data's default is a share of the cluster's store; a "
+        "cap keeps room for other work on a shared cluster. Blocks beyond it wait upstream.",
+    )
     decoder_faults: dict[str, Literal["crash", "hang"]] = Field(
         default_factory=dict,
         description="Fault injection for rehearsals and tests: the decoder process aborts "

@@ -21,6 +21,7 @@ on. Error rows whose reason may pass are redone by `retry_errors` (`damo extract
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -616,6 +617,62 @@ def video_uris(storage: Storage, prefix: str) -> list[ListedUri]:
 
 
 # ---- the library function --------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def object_store_cap(megabytes: float | None):
+    """Caps the object-store bytes of the datasets built inside (Ray Data's resource limit).
+
+    A dataset keeps the DataContext that was current when it was built, so the cap is set
+    around building and running it, then the context is restored."""
+    import ray
+
+    context = ray.data.DataContext.get_current()
+    shipped = context.execution_options.resource_limits
+    if megabytes is not None:
+        context.execution_options.resource_limits = shipped.copy(
+            object_store_memory=int(megabytes * 2**20)
+        )
+    try:
+        yield
+    finally:
+        context.execution_options.resource_limits = shipped
+
+
+def _run_extraction(to_decode, sink, cfg, cfg_hash, sizing, actors, batch_size) -> None:
+    """decode -> encode -> write shards, streaming: rows are written as they are encoded."""
+    import ray
+
+    settings = cfg.data.extract
+    retries = settings.max_task_retries
+    dataset = ray.data.from_items(to_decode)
+    if not sizing.decode_in_actors:
+        dataset = dataset.map_batches(
+            decode_videos,
+            fn_kwargs={"cfg": cfg},
+            batch_size=1,
+            compute=ray.data.TaskPoolStrategy(size=sizing.decode_tasks),
+            num_cpus=sizing.cpus_per_decode,
+            max_retries=retries,
+        )
+    (
+        dataset.map_batches(
+            EncodeFeatures,
+            fn_constructor_args=(cfg, cfg_hash, cfg.storage.s3, sizing.torch_threads),
+            fn_constructor_kwargs={"decode_cfg": cfg if sizing.decode_in_actors else None},
+            batch_size=batch_size,
+            # all start at once, but work begins with the first that is ready
+            compute=ray.data.ActorPoolStrategy(min_size=1, max_size=actors, initial_size=actors),
+            num_gpus=sizing.gpus_per_actor,
+            num_cpus=sizing.cpus_per_actor,
+            max_restarts=settings.max_actor_restarts,
+            max_task_retries=retries,
+        ).write_datasink(
+            sink, ray_remote_args={"num_cpus": sizing.cpus_per_write, "max_retries": retries}
+        )
+    )
+
+
 def extract_features(
     uris: list[str],
     output_uri: str,
@@ -676,36 +733,9 @@ def extract_features(
         )
         batch_size = batch_size or settings.batch_size
         actors = min(sizing.num_actors, -(-len(to_decode) // batch_size))
-        retries = settings.max_task_retries
         sink = ShardSink(output_uri, cfg.storage.s3, stamp, settings.shard_rows)
-        dataset = ray.data.from_items(to_decode)
-        if not sizing.decode_in_actors:
-            dataset = dataset.map_batches(
-                decode_videos,
-                fn_kwargs={"cfg": cfg},
-                batch_size=1,
-                compute=ray.data.TaskPoolStrategy(size=sizing.decode_tasks),
-                num_cpus=sizing.cpus_per_decode,
-                max_retries=retries,
-            )
-        (
-            dataset.map_batches(
-                EncodeFeatures,
-                fn_constructor_args=(cfg, cfg_hash, cfg.storage.s3, sizing.torch_threads),
-                fn_constructor_kwargs={"decode_cfg": cfg if sizing.decode_in_actors else None},
-                batch_size=batch_size,
-                # all start at once, but work begins with the first that is ready
-                compute=ray.data.ActorPoolStrategy(
-                    min_size=1, max_size=actors, initial_size=actors
-                ),
-                num_gpus=sizing.gpus_per_actor,
-                num_cpus=sizing.cpus_per_actor,
-                max_restarts=settings.max_actor_restarts,
-                max_task_retries=retries,
-            ).write_datasink(
-                sink, ray_remote_args={"num_cpus": sizing.cpus_per_write, "max_retries": retries}
-            )
-        )
+        with object_store_cap(settings.object_store_mb):
+            _run_extraction(to_decode, sink, cfg, cfg_hash, sizing, actors, batch_size)
         ok_count = sink.totals["ok"]
         errors.update(sink.totals["errors"])
     prune_superseded_errors(storage, output_uri)
