@@ -115,6 +115,10 @@ def test_batched_greedy_generation_matches_one_by_one(model):
     assert batched == singles
     with pytest.raises(ValueError, match="prompts"):
         model.generate(video, prompts[:2])
+    # the pathway's output, computed once and given back (serving caches it per video)
+    with torch.no_grad():
+        soft = model.soft_prompt(video)  # (3, K, H)
+    assert model.generate(None, prompts, max_new_tokens=12, soft_prompt=soft) == batched
 
 
 def test_embed_video_and_text_share_a_unit_space(model):

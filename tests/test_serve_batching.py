@@ -183,3 +183,39 @@ def test_ray_serves_warning_about_concurrent_batches_is_dropped_and_nothing_else
     quiet_merged_batches_warning()  # a second replica in the same process adds no second filter
     assert sum(isinstance(f, MergedBatchesWarningFilter) for f in serve_logger.filters) == 1
     assert warnings_logged() == ["another warning"]
+
+
+def test_the_soft_prompt_cache_runs_the_pathway_once_per_video():
+    import numpy as np
+    import torch
+
+    from damo.serve.answer import SoftPromptCache
+    from damo.serve.featurizer import VideoFeaturesRow
+
+    def row(key: str, value: float) -> VideoFeaturesRow:
+        return VideoFeaturesRow(key, {"visual": np.full((2, 3), value, np.float32)}, 5.0)
+
+    calls = []
+
+    def pathway(rows):  # (M, K=1, H=3): stands in for the model's pathway
+        calls.append([r.key for r in rows])
+        return torch.tensor(np.stack([r.columns["visual"][0] for r in rows]))[:, None, :]
+
+    cache = SoftPromptCache(capacity=2)
+    a, b, c = row("a", 1.0), row("b", 2.0), row("c", 3.0)
+    first = cache.soft_prompts([a, b, a], pathway)
+    assert calls == [["a", "b"]]  # one pathway call, each video once
+    assert first[:, 0, 0].tolist() == [1.0, 2.0, 1.0]
+    assert cache.soft_prompts([b, a], pathway)[:, 0, 0].tolist() == [2.0, 1.0]
+    assert calls == [["a", "b"]]  # both cached: no pathway call at all
+    # c is new; the capacity keeps the 2 asked about most recently, and a batch whose cached
+    # entries are evicted by its own new ones still gets them
+    assert cache.soft_prompts([b, c, a], pathway)[:, 0, 0].tolist() == [2.0, 3.0, 1.0]
+    assert calls == [["a", "b"], ["c"]] and len(cache) == 2 and cache.computed == 3
+    cache.soft_prompts([b], pathway)
+    assert calls[-1] == ["b"]  # b was the least recently used: evicted
+
+    off = SoftPromptCache(capacity=0)  # off: nothing kept, still once per video in a batch
+    off.soft_prompts([a, a], pathway)
+    off.soft_prompts([a], pathway)
+    assert calls[-2:] == [["a"], ["a"]] and len(off) == 0

@@ -152,6 +152,12 @@ class ServeConfig(Section):
     feature_cache_items: int = Field(
         default=256, ge=0, description="Videos whose features a featurizer replica keeps."
     )
+    soft_prompt_cache_items: int = Field(
+        default=256,
+        ge=0,
+        description="Videos whose soft prompt (the video pathway's output, K x H values) a "
+        "model replica keeps: a further question about one skips the pathway. 0: off.",
+    )
     ingress: IngressDeployment = IngressDeployment()
     featurizer: FeaturizerDeployment = FeaturizerDeployment()
     model: ModelDeployment = ModelDeployment()

@@ -296,11 +296,18 @@ class DamoModel(nn.Module):
             raise RuntimeError("this model was built without its LLM (with_llm=False)")
         return self.llm
 
-    def llm_inputs(self, video: VideoFeatures, input_ids: Tensor) -> Tensor:
-        """Token embeddings with the soft prompt spliced in at the `<video>` tokens."""
+    def llm_inputs(
+        self, video: VideoFeatures | None, input_ids: Tensor, soft_prompt: Tensor | None = None
+    ) -> Tensor:
+        """Token embeddings with the soft prompt spliced in at the `<video>` tokens.
+
+        `soft_prompt` (B, K, H): the pathway's output for the videos, when the caller already
+        has it (serving keeps it per video); `video` is then not needed."""
         self.require_llm()
+        if soft_prompt is None:
+            soft_prompt = self.soft_prompt(video)
         embeds = self.llm.get_input_embeddings()(input_ids)  # (B, S, H)
-        return splice_video(embeds, input_ids, self.video_token_id, self.soft_prompt(video))
+        return splice_video(embeds, input_ids, self.video_token_id, soft_prompt)
 
     def lm_loss(
         self, video: VideoFeatures, input_ids: Tensor, attention_mask: Tensor, labels: Tensor
@@ -356,26 +363,32 @@ class DamoModel(nn.Module):
     @torch.no_grad()
     def generate(
         self,
-        video: VideoFeatures,
+        video: VideoFeatures | None,
         prompts: list[str],
         max_new_tokens: int = 64,
         greedy: bool = True,
+        soft_prompt: Tensor | None = None,
         **generate_kwargs,
     ) -> list[str]:
-        """Answer one prompt per video, batched (left padding); greedy decoding by default."""
+        """Answer one prompt per video, batched (left padding); greedy decoding by default.
+
+        `soft_prompt` (B, K, H) stands in for `video` when the caller has the pathway's output
+        already (see `llm_inputs`)."""
         self.require_llm()
         if self.prompt_builder is None:
             raise RuntimeError("no tokenizer: build the model with pretrained=True")
-        if len(prompts) != video.visual.shape[0]:
-            raise ValueError(f"{len(prompts)} prompts for {video.visual.shape[0]} videos")
+        videos = soft_prompt.shape[0] if soft_prompt is not None else video.visual.shape[0]
+        if len(prompts) != videos:
+            raise ValueError(f"{len(prompts)} prompts for {videos} videos")
         device = self.pathway.bridge.queries.device
         inputs = self.prompt_builder.prompts(prompts)
         output = self.generate_ids(
-            video.to(device),
+            video.to(device) if soft_prompt is None else None,
             inputs["input_ids"].to(device),
             inputs["attention_mask"].to(device),
             max_new_tokens=max_new_tokens,
             greedy=greedy,
+            soft_prompt=soft_prompt.to(device) if soft_prompt is not None else None,
             pad_token_id=self.prompt_builder.pad_token_id,
             eos_token_id=self.tokenizer.eos_token_id,
             **generate_kwargs,
@@ -386,18 +399,19 @@ class DamoModel(nn.Module):
     @torch.no_grad()
     def generate_ids(
         self,
-        video: VideoFeatures,
+        video: VideoFeatures | None,
         input_ids: Tensor,
         attention_mask: Tensor,
         max_new_tokens: int = 64,
         greedy: bool = True,
+        soft_prompt: Tensor | None = None,
         **generate_kwargs,
     ) -> Tensor:
         """(B, new tokens) answer ids for left-padded prompts (B, S) holding the `<video>`
         tokens; `generate` without the tokenizer, for a model built at random (benchmarks)."""
         self.require_llm()
         return self.llm.generate(
-            inputs_embeds=self.llm_inputs(video, input_ids),
+            inputs_embeds=self.llm_inputs(video, input_ids, soft_prompt),
             attention_mask=attention_mask,
             max_new_tokens=max_new_tokens,
             do_sample=not greedy,

@@ -11,8 +11,10 @@ import asyncio
 import contextlib
 import logging
 import time
+from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
@@ -39,6 +41,40 @@ class Answer:
     generate_s: float
 
 
+class SoftPromptCache:
+    """The video pathway's output per video (an LRU keyed by the featurizer's content key).
+
+    The soft prompt depends on the video and the checkpoint only, never on the question, so a
+    further question about a video skips the pathway, and a batch runs it once per distinct
+    video. Entries are (K, H) tensors on the model's device."""
+
+    def __init__(self, capacity: int):
+        self.capacity = capacity
+        self._items: OrderedDict[str, Any] = OrderedDict()
+        self.computed = 0  # videos that went through the pathway
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+    def soft_prompts(self, rows: list[VideoFeaturesRow], pathway: Callable[[list], Any]):
+        """(B, K, H) for `rows`; `pathway(rows)` computes the missing ones, each video once."""
+        import torch
+
+        by_key = {row.key: row for row in rows}
+        found = {key: self._items[key] for key in by_key if key in self._items}
+        missing = [key for key in by_key if key not in found]
+        if missing:
+            found.update(zip(missing, pathway([by_key[key] for key in missing]), strict=True))
+        self.computed += len(missing)
+        if self.capacity > 0:
+            for key in by_key:  # most recently asked about last; the oldest go first
+                self._items[key] = found[key]
+                self._items.move_to_end(key)
+            while len(self._items) > self.capacity:
+                self._items.popitem(last=False)
+        return torch.stack([found[row.key] for row in rows])
+
+
 class Answerer:
     def __init__(self, cfg: DamoConfig, checkpoint_uri: str, num_threads: int = 1):
         import torch
@@ -47,20 +83,31 @@ class Answerer:
         self.device = "cuda" if torch.cuda.is_available() else "cpu"
         self.model = load_model(checkpoint_uri, Storage(cfg.storage.s3)).to(self.device)
         self.tokenizer = self.model.tokenizer
+        self.soft_prompt_cache = SoftPromptCache(cfg.serve.soft_prompt_cache_items)
+
+    def pathway(self, rows: list[VideoFeaturesRow]):
+        """(M, K, H) soft prompts for M videos' encoder features."""
+        import torch
+
+        from damo.model.video import VideoFeatures
+
+        batch = {name: np.stack([row.columns[name] for row in rows]) for name in rows[0].columns}
+        video = VideoFeatures.from_batch(video_tensors(batch)).to(self.device)
+        with torch.no_grad():
+            return self.model.soft_prompt(video)
 
     def answer_batch(self, questions: list[Question]) -> list[Answer]:
         """One greedy `generate` for the whole batch (left padding: shapes match per config)."""
-        from damo.model.video import VideoFeatures
-
         started = time.perf_counter()
-        batch = {
-            name: np.stack([q.features.columns[name] for q in questions])
-            for name in questions[0].features.columns
-        }
-        video = VideoFeatures.from_batch(video_tensors(batch))
+        soft_prompt = self.soft_prompt_cache.soft_prompts(
+            [q.features for q in questions], self.pathway
+        )  # (B, K, H)
         prompts = [q.prompt for q in questions]
         texts = self.model.generate(
-            video, prompts, max_new_tokens=max(q.max_new_tokens for q in questions)
+            None,
+            prompts,
+            max_new_tokens=max(q.max_new_tokens for q in questions),
+            soft_prompt=soft_prompt,
         )
         # a request that asked for fewer tokens than the batch's longest gets its own budget
         texts = [self._truncate(t, q.max_new_tokens) for t, q in zip(texts, questions, strict=True)]
