@@ -243,6 +243,7 @@ def main() -> None:
     from damo.storage import Storage, join
     from damo.storage.s3server import EmbeddedS3Server
     from damo.train.pipeline import read_manifest, run_uri, training_hash
+    from damo.version import code_version
 
     console = Console()
     started = time.monotonic()
@@ -288,6 +289,41 @@ def main() -> None:
         )
         heldout_features = heldout_cfg.train.data.features
         test_records = join(heldout, "records", "all.parquet")
+
+        def earlier_evaluation(out: str, checkpoint: str, audio: str) -> dict | None:
+            """A cut-off run's evaluation of this checkpoint by this code, if it has one."""
+            uri = join(out, "metrics.json")
+            if not storage.exists(uri):
+                return None
+            earlier = json.loads(storage.read_bytes(uri))
+            run = earlier["run"]
+            same = (run["checkpoint"], run["audio"], run["code_version"])
+            if same != (checkpoint, audio, code_version()):
+                return None
+            log(f"evaluation kept from the earlier run: {uri}")
+            return earlier
+
+        def write_results() -> dict:
+            """The seeds done so far, written after each seed so that a cut-off run keeps them."""
+            done = [seed for seed in args.seeds if str(seed) in per_seed]
+            first = per_seed[str(done[0])]["variants"]["4 stages"]["metrics"]
+            results = {
+                "clips": args.clips,
+                "test_clips": args.test_clips,
+                "seeds": done,
+                "lm_steps": args.lm_steps,
+                "max_steps": args.max_steps,
+                "overrides": overrides,
+                "cpus": os.cpu_count(),
+                "test_set": test_set_summary(first, args.test_clips, heldout_seed),
+                "per_seed": per_seed,
+                "timings_s": timings,
+                "total_s": round(time.monotonic() - started, 1),
+            }
+            results["bars"] = bars(results)
+            args.out.write_text(json.dumps(results, indent=2, default=str) + "\n")
+            return results
+
         try:
             for seed in args.seeds:
                 seeded = with_overrides(cfg, [f"seed={seed}"])
@@ -344,15 +380,17 @@ def main() -> None:
                     console.rule(f"[bold]seed {seed}: evaluate {name}")
                     out = join(BUCKET, "eval", run_id, name.split(" (")[0].replace(" ", "-"))
                     begun = time.monotonic()
-                    result = evaluate_checkpoint(
-                        seeded,
-                        checkpoints[key],
-                        heldout_features,
-                        test_records,
-                        out,
-                        EvalSettings(audio=audio, plots=2, seed=seed),
-                        storage,
-                    )
+                    result = earlier_evaluation(out, checkpoints[key], audio)
+                    if result is None:
+                        result = evaluate_checkpoint(
+                            seeded,
+                            checkpoints[key],
+                            heldout_features,
+                            test_records,
+                            out,
+                            EvalSettings(audio=audio, plots=2, seed=seed),
+                            storage,
+                        )
                     timings[f"seed {seed}: evaluate {name}"] = time.monotonic() - begun
                     evaluated[name] = {"checkpoint": checkpoints[key], "audio": audio, **result}
                 per_seed[str(seed)] = {
@@ -371,26 +409,12 @@ def main() -> None:
                         feature_config_hash(cfg),
                     ),
                 }
+                write_results()
         finally:
             if ray.is_initialized():
                 ray.shutdown()
 
-    first = per_seed[str(args.seeds[0])]["variants"]["4 stages"]["metrics"]
-    results = {
-        "clips": args.clips,
-        "test_clips": args.test_clips,
-        "seeds": args.seeds,
-        "lm_steps": args.lm_steps,
-        "max_steps": args.max_steps,
-        "overrides": overrides,
-        "cpus": os.cpu_count(),
-        "test_set": test_set_summary(first, args.test_clips, heldout_seed),
-        "per_seed": per_seed,
-        "timings_s": timings,
-        "total_s": round(time.monotonic() - started, 1),
-    }
-    results["bars"] = bars(results)
-    args.out.write_text(json.dumps(results, indent=2, default=str) + "\n")
+    results = write_results()
     console.print(markdown(results), markup=False, highlight=False)
     for name, bar in results["bars"].items():
         console.print(
