@@ -9,7 +9,8 @@ import threading
 import pytest
 
 from damo.serve.errors import ApiError
-from damo.serve.featurizer import FeatureCache, VideoFeaturesRow
+from damo.serve.featurizer import VideoFeaturesRow
+from damo.serve.lru import LruCache
 from damo.serve.sources import resolve_video
 
 
@@ -96,12 +97,12 @@ def test_http_only_from_allowed_prefixes_and_never_redirected(http_origin):
 
 
 def test_feature_cache_keeps_the_most_recent():
-    cache = FeatureCache(2)
+    cache = LruCache(2)
     for key in ("a", "b"):
-        cache.put(VideoFeaturesRow(key, {}, 1.0))
+        cache.put(key, VideoFeaturesRow(key, {}, 1.0))
     assert cache.get("a") is not None  # "a" is now the most recent
-    cache.put(VideoFeaturesRow("c", {}, 1.0))
+    cache.put("c", VideoFeaturesRow("c", {}, 1.0))
     assert cache.get("b") is None and cache.get("a") is not None and len(cache) == 2
-    off = FeatureCache(0)  # capacity 0 keeps nothing
-    off.put(VideoFeaturesRow("x", {}, 1.0))
+    off = LruCache(0)  # capacity 0 keeps nothing
+    off.put("x", VideoFeaturesRow("x", {}, 1.0))
     assert len(off) == 0 and off.get("x") is None

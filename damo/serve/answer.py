@@ -11,7 +11,6 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -22,6 +21,7 @@ from damo.config import DamoConfig
 from damo.data.training import video_tensors
 from damo.eval.batch import load_model
 from damo.serve.featurizer import VideoFeaturesRow
+from damo.serve.lru import LruCache
 from damo.storage import Storage
 
 
@@ -49,29 +49,24 @@ class SoftPromptCache:
     video. Entries are (K, H) tensors on the model's device."""
 
     def __init__(self, capacity: int):
-        self.capacity = capacity
-        self._items: OrderedDict[str, Any] = OrderedDict()
+        self._prompts: LruCache[Any] = LruCache(capacity)
         self.computed = 0  # videos that went through the pathway
 
     def __len__(self) -> int:
-        return len(self._items)
+        return len(self._prompts)
 
     def soft_prompts(self, rows: list[VideoFeaturesRow], pathway: Callable[[list], Any]):
         """(B, K, H) for `rows`; `pathway(rows)` computes the missing ones, each video once."""
         import torch
 
         by_key = {row.key: row for row in rows}
-        found = {key: self._items[key] for key in by_key if key in self._items}
-        missing = [key for key in by_key if key not in found]
+        found = {key: self._prompts.get(key) for key in by_key}
+        missing = [key for key, prompt in found.items() if prompt is None]
         if missing:
             found.update(zip(missing, pathway([by_key[key] for key in missing]), strict=True))
         self.computed += len(missing)
-        if self.capacity > 0:
-            for key in by_key:  # most recently asked about last; the oldest go first
-                self._items[key] = found[key]
-                self._items.move_to_end(key)
-            while len(self._items) > self.capacity:
-                self._items.popitem(last=False)
+        for key in by_key:  # most recently asked about last; the oldest go first
+            self._prompts.put(key, found[key])
         return torch.stack([found[row.key] for row in rows])
 
 

@@ -12,7 +12,6 @@ import hashlib
 import os
 import tempfile
 import time
-from collections import OrderedDict
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -28,6 +27,7 @@ from damo.media.decode import (
     probe,
 )
 from damo.serve.errors import ApiError, media_error
+from damo.serve.lru import LruCache
 from damo.serve.sources import VideoSource, too_large
 from damo.storage import Storage, StorageError, parse_uri
 
@@ -52,31 +52,6 @@ class VideoFeaturesRow:
     timings: dict[str, float] = field(default_factory=dict)
 
 
-class FeatureCache:
-    """A bounded LRU of feature rows, keyed by video content."""
-
-    def __init__(self, capacity: int):
-        self.capacity = capacity
-        self._rows: OrderedDict[str, VideoFeaturesRow] = OrderedDict()
-
-    def get(self, key: str) -> VideoFeaturesRow | None:
-        row = self._rows.get(key)
-        if row is not None:
-            self._rows.move_to_end(key)
-        return row
-
-    def put(self, row: VideoFeaturesRow) -> None:
-        if self.capacity <= 0:
-            return
-        self._rows[row.key] = row
-        self._rows.move_to_end(row.key)
-        while len(self._rows) > self.capacity:
-            self._rows.popitem(last=False)
-
-    def __len__(self) -> int:
-        return len(self._rows)
-
-
 class Featurizer:
     """Decode + encode one video at a time (the Serve deployment wraps this class)."""
 
@@ -89,7 +64,7 @@ class Featurizer:
         self.storage = Storage(cfg.storage.s3)
         self.cfg_hash = feature_config_hash(cfg)
         self.encode = EncodeFeatures(cfg, self.cfg_hash, cfg.storage.s3)
-        self.cache = FeatureCache(cfg.serve.feature_cache_items)
+        self.cache: LruCache[VideoFeaturesRow] = LruCache(cfg.serve.feature_cache_items)
 
     def content_key(self, source: VideoSource) -> str:
         if source.data is not None:
@@ -132,7 +107,7 @@ class Featurizer:
         columns = {name: np.asarray(encoded[name][0]) for name in FEATURE_COLUMNS}
         timings = {"decode_s": decoded - started, "encode_s": time.perf_counter() - decoded}
         row = VideoFeaturesRow(key, columns, clip.duration, False, timings)
-        self.cache.put(row)
+        self.cache.put(row.key, row)
         return row
 
     def _read(self, uri: str) -> bytes:
