@@ -155,32 +155,13 @@ class Pipeline:
 
     # ---- bookkeeping ---------------------------------------------------------------------
     def ensure_ray(self) -> None:
-        """Join (or start) the cluster at the first step that needs it. Workers' output goes
-        to Ray's log files, whose place is printed once: the console keeps one line a step."""
+        """Join (or start) the cluster at the first step that needs it; the console keeps one
+        line a step."""
         if self.ray_connected:
             return
-        from damo.data.extract import connect_ray
-        from damo.train.pipeline import ray_log_dir
-
-        connect_ray(self.cfg, log_to_driver=False)
-        import ray.data
-
-        if "deploy" in self.plan.steps:
-            # Serve gives its logger a console handler when it is imported: import it now, so
-            # that the redirection below covers it
-            import ray.serve  # noqa: F401
-
-        # Ray Data's per-operator bars would interleave with the one line a step printed here
-        ray.data.DataContext.get_current().enable_progress_bars = False
-        # connect_ray quietened the "ray" logger for ray.init's banner only; in a job too
-        logging.getLogger("ray").setLevel(logging.INFO)
+        where = join_ray_quietly(self.cfg, serve="deploy" in self.plan.steps)
         self.ray_connected = True
-        where = ray_log_dir()
-        if where is not None:
-            driver_log = Path(where) / "damo-driver.log"
-            ray_logs_to_file(driver_log)
-            where = f"{where} (this driver's Ray messages: {driver_log.name})"
-        self.log(f"Ray joined; its logs: {where or 'on the cluster (ray job logs, dashboard)'}")
+        self.log(f"Ray joined; its logs: {where}")
 
     def save(self) -> None:
         self.storage.ensure_bucket(self.run_dir)
@@ -380,6 +361,32 @@ class Pipeline:
         checkpoint = self.best_checkpoint()
         url = start(self.cfg, checkpoint)
         return {"summary": f"served at {url} with {checkpoint}", "url": url}
+
+
+def join_ray_quietly(cfg: DamoConfig, serve: bool = False) -> str:
+    """Join (or start) the cluster of `cfg.ray` for a command that draws its own progress:
+    workers' output, Ray Data's per-operator bars and Ray's driver-side messages stay off the
+    console. Returns where they went, to tell the user. `serve`: the command will use Serve."""
+    from damo.data.extract import connect_ray
+    from damo.train.pipeline import ray_log_dir
+
+    connect_ray(cfg, log_to_driver=False)
+    import ray.data
+
+    if serve:
+        # Serve gives its logger a console handler when it is imported: import it now, so
+        # that the redirection below covers it
+        import ray.serve  # noqa: F401
+
+    ray.data.DataContext.get_current().enable_progress_bars = False
+    # connect_ray quietened the "ray" logger for ray.init's banner only; in a job too
+    logging.getLogger("ray").setLevel(logging.INFO)
+    where = ray_log_dir()
+    if where is None:
+        return "on the cluster (ray job logs, dashboard)"
+    driver_log = Path(where) / "damo-driver.log"
+    ray_logs_to_file(driver_log)
+    return f"{where} (this driver's Ray messages: {driver_log.name})"
 
 
 def ray_logs_to_file(path: Path) -> None:

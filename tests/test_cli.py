@@ -145,3 +145,39 @@ def test_job_scripts_are_the_cli(job):
     )
     assert out.returncode == 0, out.stderr
     assert f"Usage: jobs/{job}.py" in out.stdout
+
+
+def test_extract_progress_prints_sparse_lines_off_a_terminal():
+    """In `ray job logs` or a log file: a first line, then one per interval, and the last."""
+    import io
+
+    from rich.console import Console
+
+    from damo.cli.data import ExtractionProgressView
+
+    out = io.StringIO()
+    with ExtractionProgressView(Console(file=out, force_terminal=False), every_s=3600) as view:
+        view.update({"encoded": 4}, 10)
+        view.update({"encoded": 8, "written": 4}, 10)  # within the interval: not printed
+        view.update({"encoded": 10, "written": 10, "errors": 2}, 10)
+        view.update({"encoded": 10, "written": 10, "errors": 2}, 10)  # the final report again
+    assert out.getvalue().splitlines() == [
+        "extracting: 4/10 encoded, 0 written, 0 failed",
+        "extracting: 10/10 encoded, 10 written, 2 failed",
+    ]
+
+
+def test_extract_progress_draws_a_bar_on_a_terminal():
+    import io
+
+    from rich.console import Console
+
+    from damo.cli.data import ExtractionProgressView
+
+    out = io.StringIO()
+    with ExtractionProgressView(Console(file=out, force_terminal=True, width=120)) as view:
+        view.update({"encoded": 6, "written": 3, "errors": 1}, 10)
+        task = view.bar.tasks[0]
+        assert (task.completed, task.total) == (6, 10)
+        assert task.fields["detail"] == "3 written, 1 failed"
+    assert "extracting" in out.getvalue()

@@ -10,6 +10,7 @@ from conftest import tiny_config
 from damo.config import load_config
 from damo.data.badmedia import build_media_corpus
 from damo.data.extract import ERRORS_DIR, FEATURES_DIR, extract_features, object_store_cap
+from damo.media.decode import MediaReason
 from damo.storage import join
 
 TINY = load_config("tiny").data.decode
@@ -44,14 +45,20 @@ def first_run(corpus, s3_server, s3_storage, tiny_backbones, ray_cluster):
     # a cap of about two blocks of rows: Ray Data holds the rest upstream, and no input is lost
     cfg = s3_tiny_config(tiny_backbones, s3_server, ["data.extract.object_store_mb=0.5"])
     out = "s3://damo-extract-out/run"
+    reports = []
     summary = extract_features(
-        [item.uri for item in corpus], out, cfg, batch_size=3, storage=s3_storage
+        [item.uri for item in corpus],
+        out,
+        cfg,
+        batch_size=3,
+        storage=s3_storage,
+        on_progress=lambda counts, total: reports.append((counts, total)),
     )
-    return cfg, out, summary
+    return cfg, out, summary, reports
 
 
 def test_every_input_is_a_feature_row_or_an_error_row(corpus, first_run, s3_storage):
-    cfg, out, summary = first_run
+    cfg, out, summary, _ = first_run
     good = [item for item in corpus if not item.is_bad]
     bad = [item for item in corpus if item.is_bad]
     assert {item.name for item in bad} >= {
@@ -94,8 +101,25 @@ def test_every_input_is_a_feature_row_or_an_error_row(corpus, first_run, s3_stor
         assert row["vision_encoder"].endswith("vision")
 
 
+def test_progress_counts_every_decoded_input_once(corpus, first_run):
+    _, _, summary, reports = first_run
+    assert reports, "on_progress was never called"
+    totals = {total for _, total in reports}
+    # the inputs that could not even be listed or read (missing, access denied) are error rows
+    # from planning, before any decoding; every other input is counted by the bar
+    unread = (MediaReason.NOT_FOUND, MediaReason.ACCESS_DENIED)
+    decoded = len(corpus) - sum(1 for item in corpus if item.expected in unread)
+    assert totals == {decoded}
+    for key in ("encoded", "written", "errors"):
+        series = [counts.get(key, 0) for counts, _ in reports]
+        assert series == sorted(series), f"{key} went backwards: {series}"
+    final, _ = reports[-1]
+    assert final["encoded"] == final["written"] == decoded
+    assert final["written"] - final["errors"] == summary.ok
+
+
 def test_a_second_run_does_no_work(corpus, first_run, s3_storage):
-    cfg, out, _ = first_run
+    cfg, out, _, _ = first_run
     before = s3_storage.list(out + "/")
     again = extract_features([item.uri for item in corpus], out, cfg, storage=s3_storage)
     assert again.skipped == len(corpus)
@@ -105,7 +129,7 @@ def test_a_second_run_does_no_work(corpus, first_run, s3_storage):
 
 
 def test_a_changed_config_redoes_the_work(first_run, corpus, s3_server, s3_storage, tiny_backbones):
-    _, out, summary = first_run
+    _, out, summary, _ = first_run
     cfg = s3_tiny_config(tiny_backbones, s3_server, ["data.decode.num_frames=4", "model.frames=4"])
     good = [item.uri for item in corpus if not item.is_bad][:1]
     redo = extract_features(good, out, cfg, storage=s3_storage)

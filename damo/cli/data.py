@@ -2,10 +2,19 @@
 
 from __future__ import annotations
 
+import time
 from typing import Annotated
 
 import typer
 from rich.markup import escape
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
 from rich.table import Table
 
 from damo.cli.common import (
@@ -17,6 +26,54 @@ from damo.cli.common import (
     require_allowed_options,
 )
 from damo.config import load_config
+
+
+class ExtractionProgressView:
+    """`damo extract`'s progress: a bar on a terminal; elsewhere (a log file, `ray job logs`)
+    one line at most every `every_s` seconds, and the last one."""
+
+    def __init__(self, console, every_s: float = 30.0):
+        self.console = console
+        self.every_s = every_s
+        self.bar: Progress | None = None
+        self.task = None
+        self.last_line = ""
+        self.last_line_at = float("-inf")
+
+    def __enter__(self) -> ExtractionProgressView:
+        if self.console.is_terminal:
+            self.bar = Progress(
+                TextColumn("extracting"),
+                BarColumn(),
+                MofNCompleteColumn(),
+                TextColumn("{task.fields[detail]}"),
+                TimeElapsedColumn(),
+                TimeRemainingColumn(),
+                console=self.console,
+                transient=True,  # the summary table follows
+            )
+            self.bar.start()
+            self.task = self.bar.add_task("extract", total=None, detail="planning")
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.bar is not None:
+            self.bar.stop()
+
+    def update(self, counts: dict[str, int], total: int) -> None:
+        """`extract_features`' on_progress: the bar counts encoded clips; written shards (and
+        the errors among them) are what a killed run keeps."""
+        encoded, written = counts.get("encoded", 0), counts.get("written", 0)
+        detail = f"{written} written, {counts.get('errors', 0)} failed"
+        if self.bar is not None:
+            self.bar.update(self.task, total=total, completed=min(encoded, total), detail=detail)
+            return
+        line = f"extracting: {encoded}/{total} encoded, {detail}"
+        now = time.monotonic()
+        due = now - self.last_line_at >= self.every_s or written >= total
+        if due and line != self.last_line:
+            self.last_line, self.last_line_at = line, now
+            self.console.print(line, highlight=False)
 
 
 @friendly_errors
@@ -60,7 +117,8 @@ def extract_command(
 
     Shards are written as rows finish; a re-run (after a crash or a kill) keeps them and does
     only what is missing."""
-    from damo.data.extract import connect_ray, extract_features, video_uris
+    from damo.data.extract import extract_features, video_uris
+    from damo.pipeline import join_ray_quietly
     from damo.storage import Storage
 
     if videos is None:
@@ -73,17 +131,20 @@ def extract_command(
     if not uris:
         err_console.print(f"[bold red]error:[/] no objects under {escape(videos)}")
         raise typer.Exit(code=2)
-    connect_ray(cfg)
-    summary = extract_features(
-        uris,
-        out,
-        cfg,
-        batch_size=batch_size,
-        num_actors=actors,
-        num_gpus_per_actor=gpus_per_actor,
-        storage=storage,
-        retry_errors=retry_errors,
-    )
+    where = join_ray_quietly(cfg)
+    console.print(f"Ray joined; its logs: {escape(where)}", style="dim", highlight=False)
+    with ExtractionProgressView(console) as progress:
+        summary = extract_features(
+            uris,
+            out,
+            cfg,
+            batch_size=batch_size,
+            num_actors=actors,
+            num_gpus_per_actor=gpus_per_actor,
+            storage=storage,
+            retry_errors=retry_errors,
+            on_progress=progress.update,
+        )
     table = Table(title=f"feature extraction -> {out}")
     for column in ("inputs", "skipped (done before)", "ok", "errors", "clips/s"):
         table.add_column(column)

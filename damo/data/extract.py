@@ -26,9 +26,11 @@ import hashlib
 import json
 import logging
 import os
+import threading
 import time
 import uuid
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -54,6 +56,7 @@ from damo.storage import ObjectInfo, Storage, StorageError, join
 FEATURES_DIR = "features"
 ERRORS_DIR = "errors"
 SUMMARY_FILE = "summary.json"
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -264,8 +267,10 @@ class EncodeFeatures:
         s3: S3Config,
         torch_threads: int | None = None,
         decode_cfg: DamoConfig | None = None,
+        progress=None,
     ):
-        """`decode_cfg`: decode each batch of URIs here first (`decode_videos`)."""
+        """`decode_cfg`: decode each batch of URIs here first (`decode_videos`); `progress`:
+        an `ExtractionProgress` actor told of every batch encoded."""
         import ray
         import torch
 
@@ -289,6 +294,7 @@ class EncodeFeatures:
         self.cfg_hash = cfg_hash
         self.sample_rate = cfg.data.decode.sample_rate
         self.decode_cfg = decode_cfg
+        self.progress = progress
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         if self.decode_cfg is not None:
@@ -315,6 +321,11 @@ class EncodeFeatures:
             audio_encoder=np.array([self.names[1]] * size),
             config_hash=np.array([self.cfg_hash] * size),
         )
+        if self.progress is not None:
+            import ray
+
+            # waited for, so that the counts are in once the work is (a ms per batch)
+            ray.get(self.progress.add.remote({"encoded": size}))
         return out
 
     def _encode(self, batch: dict[str, np.ndarray], ok: np.ndarray):
@@ -412,11 +423,12 @@ class ShardSink(Datasink):
     errors/, one new Parquet object each, written atomically. A shard is durable as soon as it
     is written, so a killed run keeps it and a re-run skips its rows."""
 
-    def __init__(self, output_uri: str, s3: S3Config, stamp: str, shard_rows: int):
+    def __init__(self, output_uri: str, s3: S3Config, stamp: str, shard_rows: int, progress=None):
         self.output_uri = output_uri
         self.s3 = s3
         self.stamp = stamp
         self.shard_rows = shard_rows
+        self.progress = progress  # an ExtractionProgress actor, told of every shard written
         self.totals: dict[str, Any] = {"ok": 0, "errors": {}}
 
     @property
@@ -450,6 +462,11 @@ class ShardSink(Datasink):
             _write_table(storage, join(self.output_uri, FEATURES_DIR, name), features)
         if errors.num_rows:
             _write_table(storage, join(self.output_uri, ERRORS_DIR, name), errors)
+        if self.progress is not None:
+            import ray
+
+            counts = {"written": table.num_rows, "errors": errors.num_rows}
+            ray.get(self.progress.add.remote(counts))
         return {
             "ok": features.num_rows,
             "errors": dict(Counter(errors.column("reason").to_pylist())),
@@ -461,6 +478,20 @@ class ShardSink(Datasink):
             self.totals["ok"] += result["ok"]
             errors.update(result["errors"])
         self.totals["errors"] = dict(errors)
+
+
+class ExtractionProgress:
+    """Rows encoded and rows written so far (errors among them), for the driver's progress
+    bar. Encoder actors and write tasks add to it as they finish each batch and shard."""
+
+    def __init__(self):
+        self.counts: Counter[str] = Counter()
+
+    def add(self, counts: dict[str, int]) -> None:
+        self.counts.update(counts)
+
+    def read(self) -> dict[str, int]:
+        return dict(self.counts)
 
 
 def _now():
@@ -639,7 +670,9 @@ def object_store_cap(megabytes: float | None):
         context.execution_options.resource_limits = shipped
 
 
-def _run_extraction(to_decode, sink, cfg, cfg_hash, sizing, actors, batch_size) -> None:
+def _run_extraction(
+    to_decode, sink, cfg, cfg_hash, sizing, actors, batch_size, progress=None
+) -> None:
     """decode -> encode -> write shards, streaming: rows are written as they are encoded."""
     import ray
 
@@ -659,7 +692,10 @@ def _run_extraction(to_decode, sink, cfg, cfg_hash, sizing, actors, batch_size) 
         dataset.map_batches(
             EncodeFeatures,
             fn_constructor_args=(cfg, cfg_hash, cfg.storage.s3, sizing.torch_threads),
-            fn_constructor_kwargs={"decode_cfg": cfg if sizing.decode_in_actors else None},
+            fn_constructor_kwargs={
+                "decode_cfg": cfg if sizing.decode_in_actors else None,
+                "progress": progress,
+            },
             batch_size=batch_size,
             # all start at once, but work begins with the first that is ready
             compute=ray.data.ActorPoolStrategy(min_size=1, max_size=actors, initial_size=actors),
@@ -673,6 +709,44 @@ def _run_extraction(to_decode, sink, cfg, cfg_hash, sizing, actors, batch_size) 
     )
 
 
+@contextlib.contextmanager
+def _reporting(
+    on_progress: Callable[[dict[str, int], int], None] | None, total: int, every_s: float = 0.5
+):
+    """Yields an `ExtractionProgress` actor (or None without `on_progress`) and, while the
+    caller runs the extraction, hands its counts to `on_progress` from a thread, then once more
+    at the end. The extraction itself stays on the calling thread, so Ctrl-C stops it."""
+    if on_progress is None:
+        yield None
+        return
+    import ray
+
+    counter = ray.remote(num_cpus=0)(ExtractionProgress).remote()
+    stop = threading.Event()
+
+    def report() -> None:
+        on_progress(ray.get(counter.read.remote()), total)
+
+    def poll() -> None:
+        while not stop.wait(every_s):
+            try:
+                report()
+            except Exception:  # noqa: BLE001  a missed refresh must not end the run
+                logger.debug("progress refresh failed", exc_info=True)
+
+    poller = threading.Thread(target=poll, name="damo-extract-progress", daemon=True)
+    poller.start()
+    try:
+        try:
+            yield counter
+        finally:
+            stop.set()
+            poller.join()
+        report()  # the final counts, when the extraction did not raise
+    finally:
+        ray.kill(counter)
+
+
 def extract_features(
     uris: list[str],
     output_uri: str,
@@ -682,6 +756,7 @@ def extract_features(
     num_gpus_per_actor: float | None = None,
     storage: Storage | None = None,
     retry_errors: bool = False,
+    on_progress: Callable[[dict[str, int], int], None] | None = None,
 ) -> ExtractSummary:
     """Extract features for `uris` into `output_uri` (features/, errors/, summary.json).
 
@@ -733,9 +808,12 @@ def extract_features(
         )
         batch_size = batch_size or settings.batch_size
         actors = min(sizing.num_actors, -(-len(to_decode) // batch_size))
-        sink = ShardSink(output_uri, cfg.storage.s3, stamp, settings.shard_rows)
-        with object_store_cap(settings.object_store_mb):
-            _run_extraction(to_decode, sink, cfg, cfg_hash, sizing, actors, batch_size)
+        with (
+            _reporting(on_progress, len(to_decode)) as progress,
+            object_store_cap(settings.object_store_mb),
+        ):
+            sink = ShardSink(output_uri, cfg.storage.s3, stamp, settings.shard_rows, progress)
+            _run_extraction(to_decode, sink, cfg, cfg_hash, sizing, actors, batch_size, progress)
         ok_count = sink.totals["ok"]
         errors.update(sink.totals["errors"])
     prune_superseded_errors(storage, output_uri)
