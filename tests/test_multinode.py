@@ -217,7 +217,8 @@ def driver_val_loss(cfg, checkpoint_uri: str, stage: int, storage: Storage):
     from damo.train.stages import stage_spec
 
     spec = stage_spec(cfg, stage)
-    model = load_checkpoint(storage.fetch_dir(checkpoint_uri) / MODEL_DIR).eval()
+    local = storage.fetch_dir(checkpoint_uri) / MODEL_DIR
+    model = load_checkpoint(local, resolve=storage.fetch_dir).eval()
     data = cfg.train.data
     dataset, _ = training_dataset(
         data.features,

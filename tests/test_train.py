@@ -269,3 +269,43 @@ def test_a_killed_worker_restarts_from_the_last_checkpoint(
     # rows of one video are spread out, not next to each other as in the shards
     videos = ["-".join(i.split("-")[:2]) for i in orders[0]]  # syn<seed>-<clip>-<task>-<n>
     assert sum(a == b for a, b in zip(videos, videos[1:], strict=False)) < len(videos) // 2
+
+
+def test_ranks_share_an_unsplit_split_without_dropping_or_repeating_rows(ray_cluster):
+    """Each rank reads the validation split whole, as Ray Train hands it over, and keeps its
+    share of the batches: over 3 ranks, 101 rows in 7 blocks of uneven work all count once."""
+    import numpy as np
+    import ray.data
+
+    from damo.train.loop import rank_share
+
+    def slow_odd_blocks(batch):  # blocks finish out of order unless the order is preserved
+        if batch["id"][0] % 2:
+            time.sleep(0.05)
+        return batch
+
+    dataset = ray.data.range(101, override_num_blocks=7).map_batches(slow_odd_blocks)
+    dataset.context.execution_options.preserve_order = True  # as the training ingest sets it
+    shares = [
+        np.concatenate([rows["id"] for rows in rank_share(dataset, 4, rank, 3)])
+        for rank in range(3)
+    ]
+    seen = np.concatenate(shares)
+    assert sorted(seen.tolist()) == list(range(101))
+    assert [len(share) for share in shares] == [36, 33, 32]  # 26 batches: 9, 9, 8; the last of 1
+
+
+def test_a_new_worker_removes_the_staging_dirs_of_dead_workers(tmp_path):
+    """A worker killed while it saved a checkpoint leaves the staging dir in the node's temp
+    dir; the next one removes it, and never a live worker's."""
+    from damo.train.loop import remove_orphaned_staging_dirs
+
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    orphans = [tmp_path / f"damo-ckpt-{dead.pid}-x1", tmp_path / f"damo-tb-{dead.pid}-x2"]
+    live = [tmp_path / f"damo-ckpt-{os.getpid()}-x3", tmp_path / "damo-ckpt-notapid"]
+    for path in orphans + live:
+        path.mkdir()
+        (path / "train_state.pt").write_bytes(b"x")
+    assert sorted(remove_orphaned_staging_dirs(str(tmp_path))) == sorted(orphans)
+    assert sorted(tmp_path.iterdir()) == sorted(live)

@@ -19,6 +19,8 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import shutil
 import tempfile
 import time
 from collections.abc import Iterator
@@ -120,7 +122,7 @@ class StageLogger:
             if storage.exists(self.metrics_uri):  # a resumed stage continues its history
                 text = storage.read_bytes(self.metrics_uri).decode()
                 self.rows = [json.loads(line) for line in text.splitlines() if line]
-            self.local_tb = tempfile.mkdtemp(prefix="damo-tb-")
+            self.local_tb = tempfile.mkdtemp(prefix=staging_prefix(TENSORBOARD_STAGING))
             self.writer = SummaryWriter(self.local_tb)
 
     def log(self, row: dict) -> None:
@@ -143,10 +145,52 @@ class StageLogger:
         """Every event is in the run directory by now; the node keeps no copy."""
         if not self.enabled:
             return
-        import shutil
-
         self.writer.close()
         shutil.rmtree(self.local_tb, ignore_errors=True)
+
+
+# A worker stages checkpoints and TensorBoard files in its node's temp dir, in directories named
+# after its PID, and removes them when done. A worker killed in the middle leaves them behind, so
+# each new worker removes those whose process is gone.
+CHECKPOINT_STAGING = "damo-ckpt-"
+TENSORBOARD_STAGING = "damo-tb-"
+
+
+def staging_prefix(kind: str) -> str:
+    return f"{kind}{os.getpid()}-"
+
+
+def remove_orphaned_staging_dirs(root: str | None = None) -> list[Path]:
+    """Remove the staging dirs of dead workers under `root` (the temp dir); returns them."""
+    removed = []
+    for kind in (CHECKPOINT_STAGING, TENSORBOARD_STAGING):
+        for path in Path(root or tempfile.gettempdir()).glob(f"{kind}*"):
+            pid = path.name.removeprefix(kind).split("-", 1)[0]
+            if path.is_dir() and pid.isdigit() and not process_alive(int(pid)):
+                shutil.rmtree(path, ignore_errors=True)
+                removed.append(path)
+    return removed
+
+
+def process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process: alive
+        return True
+    return True
+
+
+def rank_share(dataset, batch_size: int, rank: int, world: int) -> Iterator[dict]:
+    """This rank's share of a split that every rank reads whole: batch i goes to rank
+    i % world. The order is fixed (the ingest options preserve it), so the ranks' shares cover
+    every row once, with none dropped to even them out, and a split smaller than the workers
+    still counts every row."""
+    batches = dataset.iter_batches(batch_size=batch_size, batch_format="numpy")
+    for index, rows in enumerate(batches):
+        if index % world == rank:
+            yield rows
 
 
 def train_loop_per_worker(config: dict) -> None:
@@ -155,6 +199,7 @@ def train_loop_per_worker(config: dict) -> None:
     import ray.train.torch
     from ray.train import Checkpoint
 
+    remove_orphaned_staging_dirs()
     cfg = DamoConfig.model_validate(config["cfg"])
     stage = int(config["stage"])
     spec = stage_spec(cfg, stage)
@@ -232,15 +277,15 @@ def train_loop_per_worker(config: dict) -> None:
         """Mean loss per answer token (LM) or per example (alignment) over the whole split.
 
         Weighting makes it independent of how rows fall into batches and onto workers; a mean
-        of batch means lets a last batch of 2 count as much as a full one.
+        of batch means lets a last batch of 2 count as much as a full one. Each rank computes
+        its share of the batches with the plain model (no collective op per batch, so ranks
+        with more batches than others do not stall), and the sums are all-reduced.
         """
         model.eval()
         total, count = torch.zeros((), device=device), torch.zeros((), device=device)
         with torch.no_grad(), autocast:
-            for batch in val_shard.iter_torch_batches(
-                batch_size=spec.batch_size, collate_fn=collate
-            ):
-                batch = to_device(batch)
+            for rows in rank_share(val_shard, spec.batch_size, rank, world):
+                batch = to_device(collate(rows))
                 if spec.objective == "lm":  # the loss averages over the shifted answer tokens
                     weight = (batch["labels"][:, 1:] != -100).sum()
                 else:
@@ -255,29 +300,28 @@ def train_loop_per_worker(config: dict) -> None:
 
     def validate_grounding() -> float:
         """mIoU (%) of greedy answers to the validation split's grounding records, scored as
-        `damo eval run` scores them. Rank 0 answers all of them (generating needs no collective
-        op); the others wait for its number."""
+        `damo eval run` scores them. Each rank answers its share of the batches (generating
+        needs no collective op); the IoU sums and counts are all-reduced."""
         from damo.model.video import VideoFeatures
 
-        miou = torch.zeros((), device=device)
-        if rank == 0:
-            model.eval()
-            predicted, truth = [], []
-            with torch.no_grad(), autocast:
-                for rows in grounding_shard.iter_batches(
-                    batch_size=spec.batch_size, batch_format="numpy"
-                ):
-                    video = VideoFeatures.from_batch(video_tensors(rows))
-                    prompts = [json.loads(str(c))[0]["content"] for c in rows["conversation"]]
-                    answers = model.generate(video, prompts, GROUNDING_ANSWER_TOKENS)
-                    durations = [float(d) for d in rows["duration"]]
-                    predicted += [parse_span(a, d) for a, d in zip(answers, durations, strict=True)]
-                    truth += [tuple(json.loads(str(s))[0]) for s in rows["spans"]]
-            miou += grounding_metrics(predicted, truth)["mIoU"]
-            model.train()
+        model.eval()
+        predicted, truth = [], []
+        with torch.no_grad(), autocast:
+            for rows in rank_share(grounding_shard, spec.batch_size, rank, world):
+                video = VideoFeatures.from_batch(video_tensors(rows))
+                prompts = [json.loads(str(c))[0]["content"] for c in rows["conversation"]]
+                answers = model.generate(video, prompts, GROUNDING_ANSWER_TOKENS)
+                durations = [float(d) for d in rows["duration"]]
+                predicted += [parse_span(a, d) for a, d in zip(answers, durations, strict=True)]
+                truth += [tuple(json.loads(str(s))[0]) for s in rows["spans"]]
+        model.train()
+        count = torch.tensor(float(len(truth)), device=device)
+        # the mean IoU times the count: a sum that adds up over ranks
+        miou_sum = count * (grounding_metrics(predicted, truth)["mIoU"] if truth else 0.0)
         if world > 1:
-            torch.distributed.all_reduce(miou)
-        return float(miou)
+            torch.distributed.all_reduce(miou_sum)
+            torch.distributed.all_reduce(count)
+        return float(miou_sum / count.clamp(min=1))
 
     def report(metrics: dict, with_checkpoint: bool) -> None:
         metrics = {"stage": stage, **position, **metrics}
@@ -288,7 +332,7 @@ def train_loop_per_worker(config: dict) -> None:
         logger.flush()
         if ids_log is not None:
             ids_log.flush()
-        with tempfile.TemporaryDirectory(prefix="damo-ckpt-") as directory:
+        with tempfile.TemporaryDirectory(prefix=staging_prefix(CHECKPOINT_STAGING)) as directory:
             checkpoint = None
             if rank == 0:
                 save_train_checkpoint(model, optimizer, scheduler, position, Path(directory), stage)

@@ -218,9 +218,9 @@ def fit_stage(
             callbacks=callbacks,
         ),
         datasets=datasets,
-        # the validation split is not cut into shards: every rank validates all of it (the
-        # all-reduced mean is the same), so a split smaller than the workers never comes out
-        # empty (an equal split of 1 row over 2 workers gives each none, and a loss of 0)
+        # the validation splits are not cut by Ray: an equal split drops rows to even the
+        # shards out (1 row over 2 workers gives each none). Every rank reads them whole and
+        # computes its share of the batches (damo.train.loop.rank_share)
         dataset_config=DataConfig(datasets_to_split=sorted(set(names)), execution_options=ingest),
     )
     return trainer.fit(), matched, total_steps
