@@ -36,6 +36,7 @@ from damo.eval.parse import parse_span
 from damo.model.checkpoint import load_weights, save_checkpoint
 from damo.model.damo import DamoModel
 from damo.storage import Storage, join
+from damo.storage.s3server import pid_alive
 from damo.train.stages import StageSpec, stage_spec
 
 MODEL_DIR = "model"
@@ -166,20 +167,10 @@ def remove_orphaned_staging_dirs(root: str | None = None) -> list[Path]:
     for kind in (CHECKPOINT_STAGING, TENSORBOARD_STAGING):
         for path in Path(root or tempfile.gettempdir()).glob(f"{kind}*"):
             pid = path.name.removeprefix(kind).split("-", 1)[0]
-            if path.is_dir() and pid.isdigit() and not process_alive(int(pid)):
+            if path.is_dir() and pid.isdigit() and not pid_alive(int(pid)):
                 shutil.rmtree(path, ignore_errors=True)
                 removed.append(path)
     return removed
-
-
-def process_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # someone else's process: alive
-        return True
-    return True
 
 
 def rank_share(dataset, batch_size: int, rank: int, world: int) -> Iterator[dict]:
