@@ -6,7 +6,9 @@ training stages 1-3 on a short schedule and reporting the validation grounding m
 epoch):
   grid      FIFO: every trial trains all its epochs (the full grid)
   asha      ASHA (grace 1 epoch, reduction factor --reduction-factor), 1 trial at a time
-  asha-c2   the same with 2 concurrent trials (each with half the CPUs)
+  asha-s1   the same with the stage-1 rung (`tune.asha.stage1_rung`): trials also stop at the
+            end of stage 1, on its validation loss, before stages 2 and 3
+  asha-c2   ASHA with 2 concurrent trials (each with half the CPUs)
 Compute is counted in trial-iterations (stage-3 epochs trained, over all trials) and in wall
 time; the machine's 1-minute load average is sampled during each sweep, since wall times on a
 shared machine measure the neighbours too. The world, backbones and features are made once
@@ -133,6 +135,9 @@ def sweep(root: Path, name: str, overrides: list[str], env: dict) -> dict:
         "trials": len(rows),
         "trial_iterations": sum(int(r["epochs"]) for r in rows),
         "stopped_early": sum(r["status"] == "stopped early" for r in rows),
+        "stopped_after_stage1": sum(
+            r["status"] == "stopped early" and r["epochs"] == "0" for r in rows
+        ),
         "failed": sum(r["status"] == "failed" for r in rows),
         "best_params": best["params"],
         "best_metric": best["value"],
@@ -144,6 +149,11 @@ def sweep(root: Path, name: str, overrides: list[str], env: dict) -> dict:
                 "epochs": int(r["epochs"]),
                 "best": float(r[metric]) if r[metric] else None,
                 "miou_at_best": float(r["miou_at_best"]) if r["miou_at_best"] else None,
+                **(
+                    {"stage1_val_loss": float(r["stage1_val_loss"])}
+                    if r.get("stage1_val_loss")
+                    else {}
+                ),
             }
             for r in rows
         ],
@@ -158,7 +168,7 @@ def main() -> None:
     parser.add_argument("--reduction-factor", type=float, default=3.0, help="ASHA's eta.")
     parser.add_argument("--stage1-steps", type=int, default=10)
     parser.add_argument("--stage2-steps", type=int, default=4)
-    parser.add_argument("--only", nargs="*", default=["grid", "asha", "asha-c2"])
+    parser.add_argument("--only", nargs="*", default=["grid", "asha", "asha-s1", "asha-c2"])
     parser.add_argument("--prepare-only", action="store_true")
     parser.add_argument("--out", default="benchmarks/results_tune.json")
     args = parser.parse_args()
@@ -179,6 +189,7 @@ def main() -> None:
     settings = {
         "grid": ["tune.scheduler=fifo"],
         "asha": asha,
+        "asha-s1": [*asha, "tune.asha.stage1_rung=true"],
         "asha-c2": [
             *asha,
             "tune.max_concurrent_trials=2",
@@ -200,14 +211,15 @@ def main() -> None:
         results[name] = sweep(args.root, f"{name}-{stamp}", settings[name], env)
         out.write_text(json.dumps(results, indent=2) + "\n")
         print(name, json.dumps(results[name]), flush=True)
-    if "grid" in results and "asha" in results:
-        grid, asha = results["grid"], results["asha"]
-        results["asha_vs_grid"] = {
-            "iterations_share": round(asha["trial_iterations"] / grid["trial_iterations"], 3),
-            "wall_share": round(asha["wall_s"] / grid["wall_s"], 3),
-            "same_best_config": asha["best_params"] == grid["best_params"],
-            "best_metric_gap": round(asha["best_metric"] - grid["best_metric"], 4),
-        }
+    for name in ("asha", "asha-s1"):
+        if "grid" in results and name in results:
+            grid, asha = results["grid"], results[name]
+            results[f"{name}_vs_grid".replace("-", "_")] = {
+                "iterations_share": round(asha["trial_iterations"] / grid["trial_iterations"], 3),
+                "wall_share": round(asha["wall_s"] / grid["wall_s"], 3),
+                "same_best_config": asha["best_params"] == grid["best_params"],
+                "best_metric_gap": round(asha["best_metric"] - grid["best_metric"], 4),
+            }
     if "asha" in results and "asha-c2" in results:
         results["c2_vs_c1_wall"] = round(
             results["asha-c2"]["wall_s"] / results["asha"]["wall_s"], 3

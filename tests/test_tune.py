@@ -196,9 +196,15 @@ def test_optuna_draws_trials_from_the_space_and_refuses_a_grid():
     space = load_space("tune_spaces/fuseformer.yaml")
     optuna = load_config("tiny", ["tune.searcher=optuna", "tune.seed=3"])
     searcher = make_searcher(optuna, space)
-    assert type(searcher).__name__ == "OptunaSearch"
+    assert type(searcher).__name__ == "MetricRowsOnlyOptuna"
     assert searcher.set_search_properties("val_grounding_miou", "max", space.param_space())
     drawn = searcher.suggest("trial-1")
+    # the stage-1 rung's report has no metric: skipped; an epoch's report reaches Optuna
+    searcher.on_trial_result("trial-1", {"stage1_val_loss": 12.5, "training_iteration": 1})
+    searcher.on_trial_result("trial-1", {"val_grounding_miou": 31.0, "training_iteration": 2})
+    assert searcher._ot_trials["trial-1"].storage.get_trial(  # noqa: SLF001
+        searcher._ot_trials["trial-1"]._trial_id  # noqa: SLF001
+    ).intermediate_values == {2: 31.0}
     assert drawn["model.fuseformer.depth"] in (1, 2, 3, 4)
     assert 3.0e-4 <= drawn["train.stages.stage3.optimizer.lr"] <= 3.0e-3
     assert isinstance(drawn["model.fuseformer.visual_queries"], int)
@@ -236,12 +242,12 @@ def test_a_resumed_asha_refills_its_rungs_from_the_trials_epoch_records(tmp_path
         scheduler.on_trial_add(None, SimpleNamespace(trial_id=trial_id))
     assert scheduler.rung_results() == {1: {"good": 0.50, "cut": 0.70}, 3: {"good": 0.40}}
 
-    slow = {"training_iteration": 1, "val_loss": 0.65}
+    slow = {"epoch": 1, "val_loss": 0.65}
     new = SimpleNamespace(trial_id="new")
     assert scheduler.on_trial_result(None, new, slow) == TrialScheduler.STOP
     fresh = SimpleNamespace(trial_id="fresh")
     scheduler.on_trial_add(None, fresh)
-    better = {"training_iteration": 1, "val_loss": 0.30}
+    better = {"epoch": 1, "val_loss": 0.30}
     assert scheduler.on_trial_result(None, fresh, better) == TrialScheduler.CONTINUE
 
 
@@ -255,3 +261,159 @@ def test_a_stage_resumed_from_a_checkpoint_counts_each_epoch_once(tmp_path):
     history = EpochHistory(str(tmp_path), 3, "val_loss")
     assert history("t") == [(1, 0.5), (2, 0.4), (3, 0.31)]
     assert history("absent") == []
+
+
+def write_stage1(root, trial_id: str, loss: float | None) -> None:
+    """A trial run's manifest with stage 1 finished at `loss` (None: stage 1 still running)."""
+    finished = {"status": "finished", "metrics": {"best_val_loss": loss}}
+    stage1 = finished if loss is not None else {"status": "running"}
+    run = root / "trials" / trial_id
+    run.mkdir(parents=True, exist_ok=True)
+    (run / "manifest.json").write_text(json.dumps({"stages": {"1": stage1}}))
+
+
+def test_the_stage1_rung_stops_trials_behind_the_best_third_before_stage_2(tmp_path):
+    """With `tune.asha.stage1_rung`, each trial's one stage-1 report meets its own rung (lower
+    loss better, whatever the sweep's mode); the epochs of the last stage meet the usual
+    rungs. A resumed sweep refills the stage-1 rung from the runs' manifests, and a trial
+    that is there already (a restarted trial reports its finished stage 1 again) goes on."""
+    import pickle
+    from types import SimpleNamespace
+
+    from ray.tune.schedulers import TrialScheduler
+
+    from damo.tune.sweep import make_scheduler
+
+    stop, go = TrialScheduler.STOP, TrialScheduler.CONTINUE
+    cfg = load_config("tiny", ["train.stages.stage3.epochs=3", "tune.asha.stage1_rung=true"])
+    assert make_scheduler(cfg, str(tmp_path), (3,)).stage1_results() == {}  # no stage 1
+    scheduler = make_scheduler(cfg, str(tmp_path), (1, 2, 3))
+    scheduler.set_search_properties("val_grounding_miou", "max")
+    trials = {name: SimpleNamespace(trial_id=name) for name in ("a", "b", "c", "d")}
+    for trial in trials.values():
+        scheduler.on_trial_add(None, trial)
+    assert scheduler.on_trial_result(None, trials["a"], {"stage1_val_loss": 12.0}) == go
+    assert scheduler.on_trial_result(None, trials["b"], {"stage1_val_loss": 13.0}) == stop
+    assert scheduler.on_trial_result(None, trials["c"], {"stage1_val_loss": 11.0}) == go
+    assert scheduler.stage1_results() == {"a": 12.0, "b": 13.0, "c": 11.0}
+    # the epochs' rungs are apart from it: d's first epoch meets a's alone
+    assert (
+        scheduler.on_trial_result(None, trials["a"], {"epoch": 1, "val_grounding_miou": 20.0}) == go
+    )
+    assert (
+        scheduler.on_trial_result(None, trials["d"], {"epoch": 1, "val_grounding_miou": 5.0})
+        == stop
+    )
+    assert scheduler.rung_results()[1] == {"a": 20.0, "d": 5.0}
+
+    # a resumed sweep: the pickled scheduler, refilled from the runs
+    write_stage1(tmp_path, "a", 12.0)
+    write_stage1(tmp_path, "c", 11.0)
+    write_stage1(tmp_path, "e", None)  # still in stage 1 when the driver died
+    resumed = pickle.loads(pickle.dumps(make_scheduler(cfg, str(tmp_path), (1, 2, 3))))
+    resumed.set_search_properties("val_grounding_miou", "max")
+    for name in ("a", "c", "e"):
+        resumed.on_trial_add(None, SimpleNamespace(trial_id=name))
+    assert resumed.stage1_results() == {"a": 12.0, "c": 11.0}
+    assert (
+        resumed.on_trial_result(None, SimpleNamespace(trial_id="a"), {"stage1_val_loss": 12.0})
+        == go
+    )
+    assert (
+        resumed.on_trial_result(None, SimpleNamespace(trial_id="e"), {"stage1_val_loss": 12.5})
+        == stop
+    )
+
+
+def test_the_stage1_rung_needs_asha_and_trials_that_train_stage_1(cfg):
+    from damo.tune.trial import has_stage1_rung
+
+    on = load_config("tiny", ["tune.asha.stage1_rung=true"])
+    assert has_stage1_rung(on, (1, 2, 3))
+    assert not has_stage1_rung(on, (3,))  # a stage-3 learning rate: no stage 1 to stop after
+    assert not has_stage1_rung(cfg, (1, 2, 3))  # off by default
+    fifo = load_config("tiny", ["tune.asha.stage1_rung=true", "tune.scheduler=fifo"])
+    assert not has_stage1_rung(fifo, (1, 2, 3))
+
+
+def test_results_count_epochs_apart_from_the_stage1_report(tmp_path):
+    """Tune counts the stage-1 report as an iteration; the results count the last stage's
+    epochs, and a trial stopped at the stage-1 rung has none, only its stage-1 loss."""
+    from types import SimpleNamespace
+
+    import pandas as pd
+
+    from damo.tune.progress import epochs_done
+    from damo.tune.results import best_row, trial_rows
+
+    cfg = load_config("tiny", ["train.stages.stage3.epochs=2", "tune.asha.stage1_rung=true"])
+    space = load_space("tune_spaces/fuseformer_grid.yaml")
+    params = {"model.fuseformer.depth": 2, "model.residual.visual_compression": 4}
+    stage1 = {"stage1_val_loss": 12.5, "stage": 1, "training_iteration": 1}
+    epochs = [
+        {
+            "epoch": e,
+            "stage": 3,
+            "val_grounding_miou": m,
+            "val_loss": 0.5,
+            "checkpoint_path": f"trials/t1/ray/ck{e}",
+            "training_iteration": e + 1,
+        }
+        for e, m in ((1, 30.0), (2, 40.0))
+    ]
+    grid = [
+        SimpleNamespace(
+            metrics={"trial_id": "t1"},
+            config=params,
+            error=None,
+            metrics_dataframe=pd.DataFrame([stage1, *epochs]),
+        ),
+        SimpleNamespace(
+            metrics={"trial_id": "t2"},
+            config=params,
+            error=None,
+            metrics_dataframe=pd.DataFrame([{**stage1, "stage1_val_loss": 13.5}]),
+        ),
+    ]
+    full, cut = trial_rows(cfg, space, grid, str(tmp_path))
+    assert full["status"] == "finished" and full["epochs"] == 2
+    assert full["history"] == [(1, 30.0), (2, 40.0)] and full["best_epoch"] == 2
+    assert full["stage1_val_loss"] == 12.5 and full["miou_at_best"] == 40.0
+    assert cut["status"] == "stopped early" and cut["epochs"] == 0
+    assert cut["stage1_val_loss"] == 13.5 and cut["best_val_grounding_miou"] is None
+    assert best_row(cfg, [full, cut])["trial_id"] == "t1"
+    assert epochs_done(stage1) == 0 and epochs_done(epochs[1]) == 2 and epochs_done(None) == 0
+
+
+def test_a_trial_stopped_at_the_stage1_rung_says_so_in_its_run(cfg, tmp_path):
+    from damo.train.pipeline import read_manifest, run_uri, write_manifest
+
+    on = load_config("tiny", ["tune.asha.stage1_rung=true"])
+    trial_cfg = trial_config(on, {}, str(tmp_path / "sweep"))
+    storage = Storage()
+    write_manifest(storage, run_uri(trial_cfg, "cut"), {"stages": {"1": {"status": "finished"}}})
+    row = {
+        "trial_id": "cut",
+        "status": "stopped early",
+        "epochs": 0,
+        "checkpoint": None,
+        "stage1_val_loss": 13.25,
+    }
+    mark_stopped_runs(trial_cfg, [row], storage)
+    manifest = read_manifest(storage, run_uri(trial_cfg, "cut"))
+    assert "stage-1 rung (stage-1 val_loss 13.2500)" in manifest["stopped"]
+    assert set(manifest["stages"]) == {"1"}
+
+
+def test_a_finished_stage_skipped_on_a_rerun_still_calls_its_after_stage_hook(tmp_path):
+    """A restarted trial skips its finished stage 1 and must still send the stage-1 report
+    (train_pipeline's `after_stage`), with the entry that the stage finished with."""
+    from damo.train.pipeline import run_uri, train_pipeline, training_hash, write_manifest
+
+    cfg = load_config("tiny", [f"train.runs_root={tmp_path / 'runs'}"])
+    entry = {"status": "finished", "checkpoint": "ck/1", "metrics": {"best_val_loss": 12.0}}
+    manifest = {"run_id": "r", "config_hash": training_hash(cfg), "stages": {"1": entry}}
+    write_manifest(Storage(), run_uri(cfg, "r"), manifest)
+    seen = []
+    train_pipeline(cfg, "r", (1,), log=lambda *_: None, after_stage={1: seen.append})
+    assert seen == [entry]

@@ -15,11 +15,18 @@ from damo.config.schema import Section
 
 
 class AshaConfig(Section):
-    """ASHA's rungs count validation epochs of the trial's last stage (one Tune iteration each)."""
+    """ASHA's rungs count validation epochs of the trial's last stage (one Tune report each),
+    with an optional first rung at the end of stage 1."""
 
     grace_period: int = Field(default=1, ge=1, description="Epochs before a trial can stop.")
     reduction_factor: float = Field(
         default=3.0, gt=1, description="Keep the best 1/rf at each rung (Hyperband's eta)."
+    )
+    stage1_rung: bool = Field(
+        default=False,
+        description="For trials that train from stage 1: a first rung at the end of stage 1, on "
+        "its validation loss (the contrastive alignment the Fuseformer is trained for), so that "
+        "trials behind the best 1/rf there stop before paying for stages 2 to the last.",
     )
 
 

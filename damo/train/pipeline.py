@@ -285,11 +285,15 @@ def train_pipeline(
     log=print,
     callbacks: dict[int, list] | None = None,
     stopping: Callable[[], bool] | None = None,
+    after_stage: dict[int, Callable[[dict], None]] | None = None,
 ) -> dict:
     """Train `stages` in order, each from the previous one's best checkpoint; return the
     manifest. Finished stages of an existing run are skipped, not redone. `callbacks` maps a
     stage to the Ray Train callbacks of its trainer; `stopping` says whether the caller has
-    begun stopping the run, so that the errors of that teardown are not recorded as failures."""
+    begun stopping the run, so that the errors of that teardown are not recorded as failures.
+    `after_stage` maps a stage to a function of its finished manifest entry, called when the
+    stage finishes or is skipped as finished before the next one starts."""
+    after_stage = after_stage or {}
     storage = storage or Storage(cfg.storage.s3)
     stages = tuple(sorted(set(stages)))
     if not stages or not set(stages) <= {1, 2, 3, 4}:
@@ -315,6 +319,8 @@ def train_pipeline(
         if entry.get("status") == "finished":
             log(f"stage {stage} ({STAGE_NAMES[stage]}) already finished: {entry['checkpoint']}")
             previous = entry["checkpoint"]
+            if stage in after_stage:
+                after_stage[stage](entry)
             continue
         if previous is None and stage > 1:
             log(
@@ -392,4 +398,6 @@ def train_pipeline(
             f"{entry['metrics']['first_val_loss']:.4f} -> {best['val_loss']:.4f}"
         )
         previous = checkpoint
+        if stage in after_stage:
+            after_stage[stage](entry)
     return manifest

@@ -25,6 +25,16 @@ def trial_status(status: str, iterations: int, max_iterations: int) -> str:
     return SHORT.get(status, status.lower())
 
 
+def epochs_done(result: dict | None) -> int:
+    """The last stage's validated epochs a trial has reported: the epoch its latest report
+    carries (Tune's own iteration also counts the stage-1 rung's report)."""
+    from damo.tune.scheduler import STAGE1_KEY
+
+    if not result or STAGE1_KEY in result:
+        return 0
+    return int(result.get("epoch", 0) or 0)
+
+
 def format_value(value) -> str:
     if isinstance(value, float):
         return f"{value:.3g}"
@@ -53,7 +63,7 @@ class TrialTable(Callback):
             table.add_column(column)
         for trial in trials:
             result = trial.last_result or {}
-            iterations = int(result.get("training_iteration", 0) or 0)
+            iterations = epochs_done(result)
             metric = result.get(self.metric)
             table.add_row(
                 trial.trial_id,
@@ -84,15 +94,28 @@ class TrialTable(Callback):
         self.show(trials, f"trial {trial.trial_id} started: {self.describe(trial)}")
 
     def on_trial_result(self, iteration, trials, trial, result, **info):
+        from damo.tune.scheduler import STAGE1_KEY
+
+        if STAGE1_KEY in result:
+            loss = result[STAGE1_KEY]
+            self.show(trials, f"trial {trial.trial_id} stage 1 val_loss {loss:.3f} (stage-1 rung)")
+            return
         metric = result.get(self.metric)
         value = "" if metric is None else f" {self.metric} {metric:.3f}"
-        epoch = result.get("training_iteration")
+        epoch = epochs_done(result)
         self.show(trials, f"trial {trial.trial_id} epoch {epoch}/{self.max_iterations}{value}")
 
     def on_trial_complete(self, iteration, trials, trial, **info):
-        iterations = int((trial.last_result or {}).get("training_iteration", 0) or 0)
+        from damo.tune.scheduler import STAGE1_KEY
+
+        iterations = epochs_done(trial.last_result)
         status = trial_status("TERMINATED", iterations, self.max_iterations)
-        self.show(trials, f"trial {trial.trial_id} {status} after {iterations} epoch(s)")
+        when = (
+            "at the stage-1 rung"
+            if STAGE1_KEY in (trial.last_result or {})
+            else f"after {iterations} epoch(s)"
+        )
+        self.show(trials, f"trial {trial.trial_id} {status} {when}")
 
     def on_trial_error(self, iteration, trials, trial, **info):
         self.show(trials, f"trial {trial.trial_id} failed (see its error in the results)")

@@ -11,6 +11,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+import math
 import time
 
 from damo.config import DamoConfig
@@ -18,6 +19,7 @@ from damo.storage import Storage, join
 from damo.train.pipeline import one_line, storage_uri
 from damo.train.registry import write_entry
 from damo.tune.progress import format_value, short_name, trial_status
+from damo.tune.scheduler import STAGE1_KEY
 from damo.tune.space import SearchSpace
 from damo.tune.trial import CHECKPOINT_KEY
 from damo.version import code_version
@@ -36,15 +38,18 @@ def trial_id_of(result) -> str:
 
 
 def trial_rows(cfg: DamoConfig, space: SearchSpace, grid, run_root: str) -> list[dict]:
-    """One dict per trial; `history` holds (epoch, metric) of every reported epoch."""
+    """One dict per trial; `history` holds (epoch, metric) of every reported epoch, and
+    `stage1_val_loss` the stage-1 rung's report when the sweep has that rung."""
     metric, sign = cfg.tune.metric, (1 if cfg.tune.mode == "max" else -1)
     max_epochs = cfg.train.stages.get(cfg.tune.last_stage).epochs
     rows = []
     for result in grid:
         frame = result.metrics_dataframe
-        reports = [] if frame is None or metric not in frame else frame.to_dict("records")
-        reports = [r for r in reports if r.get(metric) is not None]
-        iterations = max((int(r["training_iteration"]) for r in reports), default=0)
+        records = [] if frame is None else frame.to_dict("records")
+        # a table of all reports: a column a row lacks reads NaN there
+        reports = [r for r in records if present(r.get(metric))]
+        stage1 = [float(r[STAGE1_KEY]) for r in records if present(r.get(STAGE1_KEY))]
+        iterations = max((int(r["epoch"]) for r in reports), default=0)
         best = max(reports, key=lambda r: sign * r[metric], default=None)
         status = "failed" if result.error else trial_status("TERMINATED", iterations, max_epochs)
         rows.append(
@@ -54,20 +59,25 @@ def trial_rows(cfg: DamoConfig, space: SearchSpace, grid, run_root: str) -> list
                 **{p.path: result.config.get(p.path) for p in space.parameters},
                 "epochs": iterations,
                 f"best_{metric}": None if best is None else float(best[metric]),
-                "best_epoch": None if best is None else int(best["training_iteration"]),
+                "best_epoch": None if best is None else int(best["epoch"]),
                 f"last_{metric}": float(reports[-1][metric]) if reports else None,
                 # the grounding mIoU at that epoch, whatever the sweep optimises
                 "miou_at_best": float(best["val_grounding_miou"])
-                if best is not None and best.get("val_grounding_miou") is not None
+                if best is not None and present(best.get("val_grounding_miou"))
                 else None,
+                STAGE1_KEY: stage1[-1] if stage1 else None,
                 "checkpoint": storage_uri(run_root, best[CHECKPOINT_KEY])
                 if best is not None and best.get(CHECKPOINT_KEY)
                 else None,
                 "error": one_line(result.error) if result.error else "",
-                "history": [(int(r["training_iteration"]), float(r[metric])) for r in reports],
+                "history": [(int(r["epoch"]), float(r[metric])) for r in reports],
             }
         )
     return sorted(rows, key=lambda r: r["trial_id"])
+
+
+def present(value) -> bool:
+    return value is not None and not (isinstance(value, float) and math.isnan(value))
 
 
 def mark_stopped_runs(cfg: DamoConfig, rows: list[dict], storage: Storage) -> None:
@@ -82,6 +92,14 @@ def mark_stopped_runs(cfg: DamoConfig, rows: list[dict], storage: Storage) -> No
         run = run_uri(cfg, row["trial_id"])
         manifest = read_manifest(storage, run)
         entry = (manifest or {"stages": {}})["stages"].get(stage)
+        if manifest and entry is None and row.get(STAGE1_KEY) is not None:
+            # stopped at the stage-1 rung, before the later stages started
+            manifest["stopped"] = (
+                f"stopped by the ASHA scheduler at its stage-1 rung (stage-1 val_loss "
+                f"{row[STAGE1_KEY]:.4f}); stages after 1 were not trained"
+            )
+            write_manifest(storage, run, manifest)
+            continue
         # "running": the trial's teardown left the stage as it was; "failed": the teardown's
         # error was recorded before the trial knew it was being stopped (a fallback)
         if entry and entry.get("status") in ("running", "failed"):
@@ -113,6 +131,7 @@ def table_columns(cfg: DamoConfig, space: SearchSpace) -> list[str]:
         "best_epoch",
         f"last_{metric}",
         "miou_at_best",
+        *([STAGE1_KEY] if cfg.tune.scheduler == "asha" and cfg.tune.asha.stage1_rung else []),
         "checkpoint",
         "error",
     ]

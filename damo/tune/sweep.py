@@ -21,7 +21,7 @@ from dataclasses import asdict, dataclass
 from damo.config import DamoConfig, config_hash
 from damo.storage import Storage, join, parse_uri
 from damo.tune.space import SearchSpace
-from damo.tune.trial import SweepError, run_trial, trial_stages
+from damo.tune.trial import SweepError, has_stage1_rung, run_trial, trial_stages
 from damo.version import code_version
 
 SWEEP_FILE = "sweep.json"
@@ -64,17 +64,18 @@ def last_stage_epochs(cfg: DamoConfig) -> int:
     return cfg.train.stages.get(cfg.tune.last_stage).epochs
 
 
-def make_scheduler(cfg: DamoConfig, uri: str):
+def make_scheduler(cfg: DamoConfig, uri: str, stages: tuple[int, ...] = ()):
     from ray.tune.schedulers import FIFOScheduler
 
-    from damo.tune.scheduler import EpochHistory, ResumableASHA, use_storage
+    from damo.tune.scheduler import EpochHistory, ResumableASHA, Stage1Record, use_storage
 
     use_storage(uri, cfg.storage.s3)
     if cfg.tune.scheduler == "fifo":
         return FIFOScheduler()
     return ResumableASHA(
         epoch_history=EpochHistory(uri, cfg.tune.last_stage, cfg.tune.metric),
-        time_attr="training_iteration",  # one per validated epoch of the last stage
+        stage1_record=Stage1Record(uri) if stages and has_stage1_rung(cfg, stages) else None,
+        time_attr="epoch",  # the validated epoch of the last stage that each report carries
         max_t=last_stage_epochs(cfg),
         grace_period=min(cfg.tune.asha.grace_period, last_stage_epochs(cfg)),
         reduction_factor=cfg.tune.asha.reduction_factor,
@@ -90,9 +91,9 @@ def make_searcher(cfg: DamoConfig, space: SearchSpace):
     if cfg.tune.searcher == "optuna":
         if space.grid:
             raise SweepError(f"{space.source} is a grid: use tune.searcher=random for grids")
-        from ray.tune.search.optuna import OptunaSearch
+        from damo.tune.scheduler import MetricRowsOnlyOptuna
 
-        return OptunaSearch(seed=cfg.tune.seed)
+        return MetricRowsOnlyOptuna(seed=cfg.tune.seed)
     # a generator instance takes its own concurrency limit (Tune ignores max_concurrent_trials
     # for one, and would start every trial at once)
     return BasicVariantGenerator(
@@ -205,7 +206,7 @@ def run_sweep(
             tune_config=tune.TuneConfig(
                 metric=cfg.tune.metric,
                 mode=cfg.tune.mode,
-                scheduler=make_scheduler(cfg, uri),
+                scheduler=make_scheduler(cfg, uri, stages),
                 search_alg=make_searcher(cfg, space),
                 num_samples=1 if space.grid else cfg.tune.num_samples,
                 # random/grid search limits itself (make_searcher); Tune limits a Searcher
@@ -226,6 +227,9 @@ def run_sweep(
     storage.write_bytes(join(uri, SWEEP_FILE), json.dumps(record, indent=2).encode())
     # Tune's new console output would draw its own tables around the caller's
     os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
+    if has_stage1_rung(cfg, stages):
+        # the stage-1 rung's report has no sweep metric, which Tune's driver would refuse
+        os.environ["TUNE_DISABLE_STRICT_METRIC_CHECKING"] = "1"
     grid = tuner.fit()
     unfinished = unfinished_trials(grid)
     if unfinished:

@@ -62,6 +62,17 @@ def trial_stages(paths: list[str], cfg: DamoConfig) -> tuple[int, ...]:
     return tuple(range(first, last + 1))
 
 
+def has_stage1_rung(cfg: DamoConfig, stages: tuple[int, ...]) -> bool:
+    """ASHA stops trials at the end of stage 1 too: asked for, and the trials train stage 1
+    and at least one stage after it."""
+    return (
+        cfg.tune.scheduler == "asha"
+        and cfg.tune.asha.stage1_rung
+        and stages[0] == 1
+        and stages[-1] > 1
+    )
+
+
 def trial_config(base: DamoConfig, params: dict[str, Any], sweep_uri: str) -> DamoConfig:
     """The base config with the trial's parameters; its runs go under the sweep, and its last
     stage answers the validation split's grounding records each epoch and keeps the
@@ -132,6 +143,7 @@ def run_trial(params: dict[str, Any], base: DamoConfig, sweep_uri: str) -> None:
     trial_id = ray.tune.get_context().get_trial_id()
     cfg = trial_config(base, params, sweep_uri)
     stages = trial_stages(list(params), cfg)
+    after_stage = {1: report_stage1} if has_stage1_rung(cfg, stages) else None
     init = cfg.tune.init_checkpoint if stages[0] > 1 else None
     if report_finished_stage(cfg, trial_id, stages[-1]):
         print(f"trial {trial_id}: already trained; its epochs were reported again", flush=True)
@@ -144,7 +156,20 @@ def run_trial(params: dict[str, Any], base: DamoConfig, sweep_uri: str) -> None:
         init,
         callbacks={stages[-1]: [epoch_report_callback(cfg.tune.metric)]},
         stopping=tune_is_stopping_this_trial,
+        after_stage=after_stage,
     )
+
+
+def report_stage1(entry: dict) -> None:
+    """The stage-1 rung's report (damo.tune.scheduler): the loss of the stage-1 checkpoint
+    that stage 2 starts from. Tune holds the trial here until its scheduler has decided; a
+    trial it stops ends before stage 2 starts. Sent again when a restarted trial skips its
+    finished stage 1, where the rung already has it and lets the trial go on."""
+    import ray.tune
+
+    from damo.tune.scheduler import STAGE1_KEY
+
+    ray.tune.report({STAGE1_KEY: entry["metrics"]["best_val_loss"], "stage": 1})
 
 
 def tune_is_stopping_this_trial() -> bool:
