@@ -5,10 +5,11 @@ Every sweep runs `damo tune` (the real command, its own local Ray cluster) over
 training stages 1-3 on a short schedule and reporting the validation grounding mIoU per stage-3
 epoch):
   grid      FIFO: every trial trains all its epochs (the full grid)
-  asha      ASHA (grace 1 epoch, reduction factor --reduction-factor), 1 trial at a time
-  asha-s1   the same with the stage-1 rung (`tune.asha.stage1_rung`): trials also stop at the
-            end of stage 1, on its validation loss, before stages 2 and 3
-  asha-c2   ASHA with 2 concurrent trials (each with half the CPUs)
+  asha      ASHA on stage-3 epochs only (grace 1 epoch, reduction factor --reduction-factor,
+            `tune.asha.stage1_rung=false`), 1 trial at a time
+  asha-s1   ASHA as `damo tune` runs it by default: with the stage-1 rung, where trials also
+            stop at the end of stage 1, on its validation loss, before stages 2 and 3
+  asha-c2   ASHA on epochs only with 2 concurrent trials (each with half the CPUs)
 Compute is counted in trial-iterations (stage-3 epochs trained, over all trials) and in wall
 time; the machine's 1-minute load average is sampled during each sweep, since wall times on a
 shared machine measure the neighbours too. The world, backbones and features are made once
@@ -185,11 +186,11 @@ def main() -> None:
     if args.prepare_only:
         return
     stamp = time.strftime("%H%M%S")
-    asha = [f"tune.asha.reduction_factor={args.reduction_factor}"]
+    asha = [f"tune.asha.reduction_factor={args.reduction_factor}", "tune.asha.stage1_rung=false"]
     settings = {
         "grid": ["tune.scheduler=fifo"],
         "asha": asha,
-        "asha-s1": [*asha, "tune.asha.stage1_rung=true"],
+        "asha-s1": [f"tune.asha.reduction_factor={args.reduction_factor}"],  # the default rung
         "asha-c2": [
             *asha,
             "tune.max_concurrent_trials=2",

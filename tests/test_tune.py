@@ -328,12 +328,11 @@ def test_the_stage1_rung_stops_trials_behind_the_best_third_before_stage_2(tmp_p
 def test_the_stage1_rung_needs_asha_and_trials_that_train_stage_1(cfg):
     from damo.tune.trial import has_stage1_rung
 
-    on = load_config("tiny", ["tune.asha.stage1_rung=true"])
-    assert has_stage1_rung(on, (1, 2, 3))
-    assert not has_stage1_rung(on, (3,))  # a stage-3 learning rate: no stage 1 to stop after
-    assert not has_stage1_rung(cfg, (1, 2, 3))  # off by default
-    fifo = load_config("tiny", ["tune.asha.stage1_rung=true", "tune.scheduler=fifo"])
-    assert not has_stage1_rung(fifo, (1, 2, 3))
+    assert has_stage1_rung(cfg, (1, 2, 3))  # on by default
+    assert not has_stage1_rung(cfg, (3,))  # a stage-3 learning rate: no stage 1 to stop after
+    off = load_config("tiny", ["tune.asha.stage1_rung=false"])
+    assert not has_stage1_rung(off, (1, 2, 3))
+    assert not has_stage1_rung(load_config("tiny", ["tune.scheduler=fifo"]), (1, 2, 3))
 
 
 def test_results_count_epochs_apart_from_the_stage1_report(tmp_path):

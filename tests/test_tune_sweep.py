@@ -106,9 +106,16 @@ def sweep_setup(tiny_backbones, tiny_world, tiny_features, s3_server, tmp_path, 
     return tmp_path, bucket, storage, env
 
 
-def start_sweep(workdir: Path, env: dict, log_name: str) -> subprocess.Popen:
+def start_sweep(
+    workdir: Path,
+    env: dict,
+    log_name: str,
+    config: str = "sweep.yaml",
+    space: str = "space.yaml",
+    name: str = SWEEP,
+) -> subprocess.Popen:
     log = open(workdir / log_name, "ab")  # noqa: SIM115 (the child owns it)
-    command = [DAMO, "tune", "--config", "sweep.yaml", "--space", "space.yaml", "--name", SWEEP]
+    command = [DAMO, "tune", "--config", config, "--space", space, "--name", name]
     return subprocess.Popen(
         command,
         cwd=workdir,
@@ -125,8 +132,8 @@ def kill_group(proc: subprocess.Popen) -> None:
     proc.wait(timeout=60)
 
 
-def trial_manifests(storage: Storage, bucket: str) -> dict[str, dict]:
-    prefix = f"{bucket}/sweeps/{SWEEP}/trials/"
+def trial_manifests(storage: Storage, bucket: str, sweep: str = SWEEP) -> dict[str, dict]:
+    prefix = f"{bucket}/sweeps/{sweep}/trials/"
     manifests = {}
     for info in storage.list_objects(prefix):
         if info.uri.endswith("/manifest.json"):
@@ -246,3 +253,55 @@ def test_sweep_stops_early_survives_a_failure_and_a_killed_driver(sweep_setup):
     metrics = json.loads(storage.read_bytes(f"{bucket}/eval-best/metrics.json"))
     assert metrics["run"]["checkpoint"] == best["checkpoint"]
     assert metrics["metrics"]["grounding"]["model"]["count"] >= 1
+
+
+@pytest.mark.timeout(900)  # one Ray cluster, one trial through stages 1-3, one through stage 1
+def test_the_stage1_rung_stops_a_trial_before_stage_2(sweep_setup):
+    """`tune.asha.stage1_rung`: two trials train from stage 1, in the grid's order: a stage-1
+    learning rate that learns, then one too small to (a higher stage-1 validation loss). ASHA
+    (reduction factor 2) stops the second at the end of stage 1, so its run never starts
+    stage 2, and the first goes on to its stage-3 epoch."""
+    workdir, bucket, storage, env = sweep_setup
+    config = yaml.safe_load((workdir / "sweep.yaml").read_text())
+    config["tune"]["asha"]["stage1_rung"] = True
+    config["tune"].pop("init_checkpoint")
+    config["train"]["stages"] = {
+        "stage1": {"max_steps": 6},
+        "stage2": {"max_steps": 2},
+        "stage3": {"epochs": 1, "max_steps": 2, "batch_size": 8, "log_every": 50},
+    }
+    (workdir / "stage1.yaml").write_text(yaml.safe_dump(config))
+    space = {
+        "grid": True,
+        "parameters": {"train.stages.stage1.optimizer.lr": {"values": [3.0e-3, 1.0e-9]}},
+    }
+    (workdir / "stage1-space.yaml").write_text(yaml.safe_dump(space))
+    name = "ci-stage1-rung"
+    sweep = start_sweep(workdir, env, "stage1.log", "stage1.yaml", "stage1-space.yaml", name)
+    try:
+        code = sweep.wait(timeout=780)
+    finally:
+        kill_group(sweep)
+    log = (workdir / "stage1.log").read_text(errors="replace")
+    assert code == 0, log[-4000:]
+
+    results = storage.read_bytes(f"{bucket}/sweeps/{name}/results.csv").decode()
+    rows = {
+        float(r["train.stages.stage1.optimizer.lr"]): r
+        for r in csv.DictReader(io.StringIO(results))
+    }
+    learns, stalls = rows[3.0e-3], rows[1.0e-9]
+    assert float(learns["stage1_val_loss"]) < float(stalls["stage1_val_loss"]), rows
+    assert learns["status"] == "finished" and learns["epochs"] == "1", learns
+    assert stalls["status"] == "stopped early" and stalls["epochs"] == "0", stalls
+    assert not stalls["best_val_loss"] and not stalls["checkpoint"], stalls
+    assert "at the stage-1 rung" in log
+
+    manifests = trial_manifests(storage, bucket, name)
+    stopped = manifests[stalls["trial_id"]]
+    assert set(stopped["stages"]) == {"1"}, stopped["stages"]  # stage 2 never started
+    assert stopped["stages"]["1"]["status"] == "finished"
+    assert "stage-1 rung" in stopped["stopped"]
+    assert manifests[learns["trial_id"]]["stages"]["3"]["status"] == "finished"
+    best = json.loads(storage.read_bytes(f"{bucket}/sweeps/{name}/best.json"))
+    assert best["trial_id"] == learns["trial_id"]

@@ -23,10 +23,11 @@ class AshaConfig(Section):
         default=3.0, gt=1, description="Keep the best 1/rf at each rung (Hyperband's eta)."
     )
     stage1_rung: bool = Field(
-        default=False,
+        default=True,
         description="For trials that train from stage 1: a first rung at the end of stage 1, on "
         "its validation loss (the contrastive alignment the Fuseformer is trained for), so that "
-        "trials behind the best 1/rf there stop before paying for stages 2 to the last.",
+        "trials behind the best 1/rf there stop before paying for stages 2 to the last "
+        "(benchmarks/README.md section 8). No effect on trials that start later.",
     )
 
 
