@@ -343,7 +343,7 @@ def test_results_count_epochs_apart_from_the_stage1_report(tmp_path):
     import pandas as pd
 
     from damo.tune.progress import epochs_done
-    from damo.tune.results import best_row, trial_rows
+    from damo.tune.results import best_row, table_columns, trial_rows
 
     cfg = load_config("tiny", ["train.stages.stage3.epochs=2", "tune.asha.stage1_rung=true"])
     space = load_space("tune_spaces/fuseformer_grid.yaml")
@@ -381,6 +381,11 @@ def test_results_count_epochs_apart_from_the_stage1_report(tmp_path):
     assert cut["status"] == "stopped early" and cut["epochs"] == 0
     assert cut["stage1_val_loss"] == 13.5 and cut["best_val_grounding_miou"] is None
     assert best_row(cfg, [full, cut])["trial_id"] == "t1"
+    # the column is there where the trials had the rung: a stage-3 space has none
+    assert "stage1_val_loss" in table_columns(cfg, space)
+    stage3 = load_space("tune_spaces/demo.yaml")
+    on_stage4 = load_config("tiny", ["tune.last_stage=4", "tune.init_checkpoint=ck"])
+    assert "stage1_val_loss" not in table_columns(on_stage4, stage3)
     assert epochs_done(stage1) == 0 and epochs_done(epochs[1]) == 2 and epochs_done(None) == 0
 
 

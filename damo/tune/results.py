@@ -21,7 +21,7 @@ from damo.train.registry import write_entry
 from damo.tune.progress import format_value, short_name, trial_status
 from damo.tune.scheduler import STAGE1_KEY
 from damo.tune.space import SearchSpace
-from damo.tune.trial import CHECKPOINT_KEY
+from damo.tune.trial import CHECKPOINT_KEY, has_stage1_rung, trial_stages
 from damo.version import code_version
 
 HEATMAP_X = "model.fuseformer.depth"
@@ -121,7 +121,9 @@ def best_row(cfg: DamoConfig, rows: list[dict]) -> dict | None:
 
 # ---- files ---------------------------------------------------------------------------------
 def table_columns(cfg: DamoConfig, space: SearchSpace) -> list[str]:
+    """The results table's columns; `stage1_val_loss` only where the trials had that rung."""
     metric = cfg.tune.metric
+    paths = [p.path for p in space.parameters]
     return [
         "trial_id",
         "status",
@@ -131,7 +133,7 @@ def table_columns(cfg: DamoConfig, space: SearchSpace) -> list[str]:
         "best_epoch",
         f"last_{metric}",
         "miou_at_best",
-        *([STAGE1_KEY] if cfg.tune.scheduler == "asha" and cfg.tune.asha.stage1_rung else []),
+        *([STAGE1_KEY] if has_stage1_rung(cfg, trial_stages(paths, cfg)) else []),
         "checkpoint",
         "error",
     ]
