@@ -28,6 +28,10 @@ sizes are printed and stored.
 The training budget is the tiny preset's recipe plus BUDGET below and --clips / --lm-steps.
 Re-running with the same arguments resumes: clips, features, backbones and finished stages are
 kept in --cache. Results go to benchmarks/results_learning_bar.json and, as Markdown, to stdout.
+
+Seeds run apart (on two machines, or a cut-off run's seeds re-run later) are combined with
+--combine A.json B.json: the files must share the budget and the code version, and each seed
+may appear once; the bars are recomputed over all their seeds.
 """
 
 from __future__ import annotations
@@ -213,6 +217,55 @@ def test_set_summary(metrics: dict, clips: int, seed: int) -> str:
     )
 
 
+def combine(files: list[Path]) -> dict:
+    """One result of several runs' files: the same budget and code, disjoint seeds."""
+    runs = [json.loads(path.read_text()) for path in files]
+    same = ("clips", "test_clips", "lm_steps", "max_steps", "overrides", "test_set")
+    for path, run in zip(files[1:], runs[1:], strict=True):
+        differ = [key for key in same if run[key] != runs[0][key]]
+        if differ:
+            raise SystemExit(f"error: {path} differs from {files[0]} in {', '.join(differ)}")
+    versions = {
+        variant["run"]["code_version"]
+        for run in runs
+        for seed in run["per_seed"].values()
+        for variant in seed["variants"].values()
+    }
+    if len(versions) != 1:
+        raise SystemExit(f"error: the runs were evaluated by different code: {sorted(versions)}")
+    seeds = [seed for run in runs for seed in run["seeds"]]
+    if len(set(seeds)) != len(seeds):
+        raise SystemExit(f"error: a seed appears in more than one file: {seeds}")
+    timings: dict[str, float] = {}
+    for run in runs:  # steps shared by all seeds (the world, backbones) keep the first run's time
+        timings = run["timings_s"] | timings
+    results = {key: runs[0][key] for key in (*same, "cpus")}
+    results |= {
+        "seeds": seeds,
+        "per_seed": {str(s): run["per_seed"][str(s)] for run in runs for s in run["seeds"]},
+        "timings_s": timings,
+        "total_s": round(sum(run["total_s"] for run in runs), 1),
+        "combined_from": [
+            {"file": str(path), "seeds": run["seeds"], "total_s": run["total_s"]}
+            for path, run in zip(files, runs, strict=True)
+        ],
+    }
+    results["bars"] = bars(results)
+    return results
+
+
+def report(results: dict, out: Path) -> None:
+    console = Console()
+    console.print(markdown(results), markup=False, highlight=False)
+    for name, bar in results["bars"].items():
+        console.print(
+            f"{'MET ' if bar['met'] else 'MISS'} {name}: {fmt(bar['value'])} "
+            f"(bar {fmt(bar['threshold'])})",
+            markup=False,
+        )
+    console.print(f"total {results['total_s']:.0f}s; results in {out}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--clips", type=int, default=600, help="training world size")
@@ -229,7 +282,19 @@ def main() -> None:
     )
     parser.add_argument("--set", nargs="*", default=[], help="more dotted config overrides")
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results_learning_bar.json"))
+    parser.add_argument(
+        "--combine",
+        type=Path,
+        nargs="+",
+        metavar="RESULTS",
+        help="combine the result files of runs with different seeds into --out (trains nothing)",
+    )
     args = parser.parse_args()
+    if args.combine:
+        results = combine(args.combine)
+        args.out.write_text(json.dumps(results, indent=2, default=str) + "\n")
+        report(results, args.out)
+        return
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")
 
@@ -417,15 +482,7 @@ def main() -> None:
             if ray.is_initialized():
                 ray.shutdown()
 
-    results = write_results()
-    console.print(markdown(results), markup=False, highlight=False)
-    for name, bar in results["bars"].items():
-        console.print(
-            f"{'MET ' if bar['met'] else 'MISS'} {name}: {fmt(bar['value'])} "
-            f"(bar {fmt(bar['threshold'])})",
-            markup=False,
-        )
-    console.print(f"total {results['total_s']:.0f}s; results in {args.out}")
+    report(write_results(), args.out)
 
 
 if __name__ == "__main__":
