@@ -209,6 +209,18 @@ def test_driver_killed_in_stage_3_resumes_there(
     assert any(t.strip() for t in texts)
 
 
+def checkpoint_tensors(checkpoint: str) -> dict[str, torch.Tensor]:
+    """Every tensor a training checkpoint's model files hold, by file and name."""
+    from safetensors.torch import load_file
+
+    folder = Path(checkpoint) / MODEL_DIR
+    return {
+        f"{path.name}:{name}": tensor
+        for path in sorted(folder.glob("*.safetensors"))
+        for name, tensor in load_file(path).items()
+    }
+
+
 def read_record_ids(config: Path, run_id: str, stage: int) -> dict[int, list[dict]]:
     """attempt -> the batches rank 0 logged (train.record_ids)."""
     folder = config.parent / "runs" / run_id / "record_ids" / f"stage{stage}"
@@ -269,6 +281,20 @@ def test_a_killed_worker_restarts_from_the_last_checkpoint(
     # rows of one video are spread out, not next to each other as in the shards
     videos = ["-".join(i.split("-")[:2]) for i in orders[0]]  # syn<seed>-<clip>-<task>-<n>
     assert sum(a == b for a, b in zip(videos, videos[1:], strict=False)) < len(videos) // 2
+
+    # and it ends with the weights of a run never interrupted: the rows, the optimiser and the
+    # random stream (the tiny preset drops audio at random) all carry on from the checkpoint
+    whole = start_train(config, "wk-whole", "--stages", "3")
+    finish(whole, config, "wk-whole")
+    uninterrupted = manifest(config, "wk-whole")["stages"]["3"]
+    assert uninterrupted["metrics"]["restarts"] == 0
+    assert uninterrupted["metrics"]["best_val_loss"] == entry["metrics"]["best_val_loss"]
+    restarted, never = checkpoint_tensors(entry["checkpoint"]), checkpoint_tensors(
+        uninterrupted["checkpoint"]
+    )
+    assert restarted.keys() == never.keys()
+    differing = [name for name in never if not torch.equal(restarted[name], never[name])]
+    assert not differing, f"{len(differing)} of {len(never)} tensors differ, e.g. {differing[:3]}"
 
 
 def test_ranks_share_an_unsplit_split_without_dropping_or_repeating_rows(ray_cluster):

@@ -41,6 +41,7 @@ from damo.train.stages import StageSpec, stage_spec
 
 MODEL_DIR = "model"
 TRAIN_STATE = "train_state.pt"
+RANDOM_STATE = "random_state_rank{rank}.pt"  # one per rank: Ray merges the ranks' files
 GROUNDING_ANSWER_TOKENS = 24  # as `damo eval run`'s default --max-new-tokens
 
 
@@ -66,13 +67,35 @@ def optimizer_steps(rows: int, workers: int, spec: StageSpec) -> tuple[int, int]
 
 
 def save_train_checkpoint(
-    model, optimizer, scheduler, position: dict, directory: Path, stage: int
+    model, optimizer, scheduler, position: dict, directory: Path, stage: int, rank: int
 ) -> None:
-    save_checkpoint(model, directory / MODEL_DIR, stage=stage, extra=position)
+    """Rank 0 writes the model and the optimiser; every rank writes its random state, so that
+    a resumed stage draws the same random numbers (audio dropped at random, dropout) as one
+    never stopped, and ends with the same weights."""
+    if rank == 0:
+        save_checkpoint(model, directory / MODEL_DIR, stage=stage, extra=position)
+        torch.save(
+            {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), **position},
+            directory / TRAIN_STATE,
+        )
+    cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []
     torch.save(
-        {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), **position},
-        directory / TRAIN_STATE,
+        {"cpu": torch.get_rng_state(), "cuda": cuda},
+        directory / RANDOM_STATE.format(rank=rank),
     )
+
+
+def restore_random_state(directory: Path, rank: int) -> bool:
+    """This rank's random state from a checkpoint; False when it has none (a rank added by a
+    resize, or a checkpoint from before the state was kept), which keeps the seeded stream."""
+    path = directory / RANDOM_STATE.format(rank=rank)
+    if not path.exists():
+        return False
+    state = torch.load(path, weights_only=True)
+    torch.set_rng_state(state["cpu"])
+    if state["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+    return True
 
 
 def skip_rows(batches: Iterator[dict], rows: int) -> Iterator[dict]:
@@ -238,6 +261,7 @@ def train_loop_per_worker(config: dict) -> None:
         with resumed.as_directory() as directory:
             load_weights(model, Path(directory) / MODEL_DIR)
             state = torch.load(Path(directory) / TRAIN_STATE, weights_only=True)
+            restore_random_state(Path(directory), rank)
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         position = {k: int(state.get(k, 0)) for k in position}
@@ -324,11 +348,10 @@ def train_loop_per_worker(config: dict) -> None:
         if ids_log is not None:
             ids_log.flush()
         with tempfile.TemporaryDirectory(prefix=staging_prefix(CHECKPOINT_STAGING)) as directory:
-            checkpoint = None
-            if rank == 0:
-                save_train_checkpoint(model, optimizer, scheduler, position, Path(directory), stage)
-                checkpoint = Checkpoint.from_directory(directory)
-            ray.train.report(metrics, checkpoint=checkpoint)
+            save_train_checkpoint(
+                model, optimizer, scheduler, position, Path(directory), stage, rank
+            )
+            ray.train.report(metrics, checkpoint=Checkpoint.from_directory(directory))
 
     if resumed is None:
         report({"val_loss": validate(), "lr": scheduler.get_last_lr()[0]}, with_checkpoint=False)
