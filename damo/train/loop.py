@@ -85,17 +85,16 @@ def save_train_checkpoint(
     )
 
 
-def restore_random_state(directory: Path, rank: int) -> bool:
-    """This rank's random state from a checkpoint; False when it has none (a rank added by a
-    resize, or a checkpoint from before the state was kept), which keeps the seeded stream."""
+def restore_random_state(directory: Path, rank: int) -> None:
+    """This rank's random state from a checkpoint. A checkpoint without one (a rank added by a
+    resize, or a checkpoint from before the state was kept) keeps the seeded stream."""
     path = directory / RANDOM_STATE.format(rank=rank)
     if not path.exists():
-        return False
+        return
     state = torch.load(path, weights_only=True)
     torch.set_rng_state(state["cpu"])
     if state["cuda"] and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
-    return True
 
 
 def skip_rows(batches: Iterator[dict], rows: int) -> Iterator[dict]:
