@@ -115,6 +115,20 @@ def test_cut_captions_warn_and_cached_text_states_match(tiny_backbones):
     torch.testing.assert_close(first * real, fresh * real, atol=1e-5, rtol=1e-4)
     torch.testing.assert_close(again[0, : mask[1].sum()], fresh[1, : mask[1].sum()])
     assert len(model.text_cache) == 2  # the same caption twice is one entry
+    # a caption's cached states do not depend on the batch that first encoded it (a resumed
+    # stage starts with an empty cache and meets its captions in other batches)
+    tone = " and a low tone is heard from 1.0 to 3.5 seconds."
+    texts = [
+        f"a red circle appears from {i}.0 to {i + 2}.5 seconds{tone * (i % 3)}" for i in range(16)
+    ]
+    inputs = model.tokenize_text(texts)
+    ids, mask = inputs["text_input_ids"], inputs["text_attention_mask"]
+    model.text_cache.clear()
+    with_others = model.text_states(ids, mask)
+    for i in range(len(texts)):
+        model.text_cache.clear()
+        alone, length = model.text_states(ids[[i]], mask[[i]]), int(mask[i].sum())
+        assert torch.equal(alone[0, :length], with_others[i, :length]), texts[i]
 
 
 def test_two_loads_answer_bit_identically_when_the_llm_lacks_placeholder_rows(

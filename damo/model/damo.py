@@ -247,17 +247,19 @@ class DamoModel(nn.Module):
         # caption once per epoch, and the encoder was a quarter of a tiny stage-1 step.
         lengths = attention_mask.sum(dim=1).tolist()
         keys = [bytes(row[:n].cpu().numpy()) for row, n in zip(input_ids, lengths, strict=True)]
-        missing = [i for i, key in enumerate(keys) if key not in self.text_cache]
-        if missing:
-            index = torch.tensor(missing, device=input_ids.device)
-            fresh = self.encode_text_tokens(input_ids[index], attention_mask[index])
-            for row, i in enumerate(missing):
-                self.text_cache[keys[i]] = fresh[row, : lengths[i]]
+        # A caption missing from the cache is encoded alone, at its own length: in a batch its
+        # states would carry float noise from the padding and the batch's shape, so a stage
+        # resumed with an empty cache would not repeat one that ran on.
+        for i, key in enumerate(keys):
+            if key not in self.text_cache:
+                self.text_cache[key] = self.encode_text_tokens(
+                    input_ids[i : i + 1, : lengths[i]], attention_mask[i : i + 1, : lengths[i]]
+                )[0]
+        states = [self.text_cache[key] for key in keys]  # before a batch of many evicts some
         for key in keys:
             self.text_cache.move_to_end(key)
         while len(self.text_cache) > self.cfg.text_encoder.cache_size:
             self.text_cache.popitem(last=False)
-        states = [self.text_cache[key] for key in keys]
         padded = nn.utils.rnn.pad_sequence(states, batch_first=True)  # (B, max len, Dt)
         return nn.functional.pad(padded, (0, 0, 0, input_ids.shape[1] - padded.shape[1]))
 
