@@ -336,8 +336,13 @@ def main() -> None:
     with server as state:
         size = DemoSize(args.clips, args.lm_steps, args.max_steps)
         cfg = demo_config(base, state.s3_config(), size)
-        # backbones depend on the model's arch and on the LM's pre-training: key them on both
-        tag = config_hash({"model": cfg.model.model_dump(mode="json"), "lm": args.lm_steps})
+        # backbones depend on the backbones' configs and on the LM's pre-training: key them on
+        # both, so that a recipe override (trainable sets, the pathway's sizes) reuses them
+        backbone_cfgs = {
+            name: getattr(cfg.model, name).model_dump(mode="json")
+            for name in ("vision", "audio", "text_encoder", "llm")
+        }
+        tag = config_hash({"backbones": backbone_cfgs, "lm": args.lm_steps})
         backbones = join(BUCKET, "backbones", f"tiny-{tag[:8]}")
         cfg = cfg.model_copy(update={"model": cfg.model.with_backbones_at(backbones)})
         storage = Storage(cfg.storage.s3)

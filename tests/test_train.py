@@ -238,13 +238,15 @@ def test_a_killed_worker_restarts_from_the_last_checkpoint(
     """With the default (global, seeded) shuffle, the interrupted epoch still trains every
     row exactly once counting from the checkpoint: the rows trained before it, plus the rows
     of the restarted worker. Rows trained after the checkpoint (lost with the worker) are
-    trained again, once."""
+    trained again, once. The stage is anchored (stage 1's losses on caption batches every
+    other step), so the anchor's caption stream must carry on from the checkpoint too."""
+    anchor = {"weight": 1.0, "every": 2, "batch_size": 4}
     config = write_config(
         tmp_path / "run.yaml",
         tiny_backbones,
         tiny_world,
         tiny_features,
-        {"stage3": LONG},
+        {"stage3": {**LONG, "anchor": anchor}},
         record_ids=True,
     )
     proc = start_train(config, "wk", "--stages", "3")
@@ -266,8 +268,12 @@ def test_a_killed_worker_restarts_from_the_last_checkpoint(
     # all of both epochs' steps ran: a restart neither skips nor repeats the schedule
     rows = entry["metrics"]["train_rows"]
     assert entry["metrics"]["steps"] == math.ceil(rows / 4) * 2
-    steps = [r["step"] for r in read_metrics(config, "wk", 3) if "train_loss" in r]
+    history = read_metrics(config, "wk", 3)
+    steps = [r["step"] for r in history if "train_loss" in r]
     assert max(steps) == entry["metrics"]["steps"]
+    anchor_losses = [r["train_anchor_loss"] for r in history if "train_anchor_loss" in r]
+    assert anchor_losses and all(math.isfinite(loss) for loss in anchor_losses)
+    assert max(r["anchor_pass"] for r in history) >= 1  # the captions are read pass after pass
 
     logged = read_record_ids(config, "wk", 3)
     first, last = logged[0], logged[max(logged)]
@@ -289,8 +295,9 @@ def test_a_killed_worker_restarts_from_the_last_checkpoint(
     uninterrupted = manifest(config, "wk-whole")["stages"]["3"]
     assert uninterrupted["metrics"]["restarts"] == 0
     assert uninterrupted["metrics"]["best_val_loss"] == entry["metrics"]["best_val_loss"]
-    restarted, never = checkpoint_tensors(entry["checkpoint"]), checkpoint_tensors(
-        uninterrupted["checkpoint"]
+    restarted, never = (
+        checkpoint_tensors(entry["checkpoint"]),
+        checkpoint_tensors(uninterrupted["checkpoint"]),
     )
     assert restarted.keys() == never.keys()
     differing = [name for name in never if not torch.equal(restarted[name], never[name])]

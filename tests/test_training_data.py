@@ -9,11 +9,13 @@ import pytest
 import torch
 from conftest import tiny_config
 
+from damo.config import load_config
 from damo.data.extract import feature_config_hash
 from damo.data.records import read_records, write_records
 from damo.data.training import StageCollator, conversation, training_dataset
 from damo.model.damo import DamoModel
 from damo.storage import Storage, join
+from damo.train.stages import stage_spec
 
 STAGES = {1: ("caption",), 2: ("qa",), 3: ("grounding", "temporal_qa"), 4: ("dialogue",)}
 
@@ -159,3 +161,41 @@ def test_stale_and_duplicate_feature_rows_are_not_read(
     ].to_pylist() == ["newer-version"]
     one_per_video = feature_dataset(selection, feature_hash).select_columns(["video_uri"])
     assert sorted(r["video_uri"] for r in one_per_video.take_all()) == sorted(uris)
+
+
+def test_an_anchored_lm_stage_trains_the_stage1_heads_on_captions(
+    tiny_world, tiny_features, model, feature_hash
+):
+    """`train.stages.stageK.anchor`: stage 1's losses on a caption batch join the LM loss in
+    the same forward, and reach the heads and the pathway, not the LLM's adapter."""
+    storage = Storage()
+    records_uri = str(tiny_world / "records" / "train.parquet")
+    batches = {}
+    for stage in (1, 3):
+        dataset, _ = training_dataset(
+            str(tiny_features), records_uri, STAGES[stage], storage, feature_hash
+        )
+        objective = model.cfg.stages.get(stage).objective
+        collate = StageCollator(objective, model.prompt_builder, model.tokenize_text)
+        batches[stage] = next(iter(dataset.iter_torch_batches(batch_size=4, collate_fn=collate)))
+    names = {id(p): n for n, p in model.named_parameters()}
+    plain = {names[id(p)] for p in model.set_stage(3)}
+    anchored = {names[id(p)] for p in model.set_stage(3, anchored=True)}
+    heads = {n for n in names.values() if n.startswith("heads.")}
+    assert not plain & heads and anchored == plain | heads
+    groups = model.parameter_groups(3, 1e-3, {"heads": 0.5}, anchored=True)
+    assert {names[id(p)] for g in groups for p in g["params"]} == anchored
+    assert {g["lr"] for g in groups if names[id(g["params"][0])].startswith("heads.")} == {5e-4}
+
+    model.train()
+    losses = model(batches[3], 3, batches[1])
+    assert torch.isfinite(losses["anchor"]) and losses["loss"] is losses["lm"]
+    losses["anchor"].backward()
+    reached = {n for n, p in model.named_parameters() if p.grad is not None and p.grad.abs().sum()}
+    assert heads <= reached
+    assert any(n.startswith("pathway.bridge.") for n in reached)  # the bridge, in stage 3
+    assert not any("lora_" in n for n in reached)  # the LLM never sees the captions
+    model.zero_grad(set_to_none=True)
+
+    with pytest.raises(ValueError, match="anchor needs an LM stage"):
+        stage_spec(load_config("tiny", ["train.stages.stage1.anchor.weight=1"]), 1)

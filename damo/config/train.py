@@ -37,6 +37,21 @@ class ScheduleConfig(Section):
     min_lr_ratio: float = Field(default=0.1, ge=0, le=1)
 
 
+class AnchorConfig(Section):
+    """Stage 1's alignment losses (VTC + VTM + VTG on a caption batch) added to an LM stage's
+    loss, so that a pathway trained on the LM loss keeps telling videos apart: without it the
+    tiny preset's Fuseformer learned one soft prompt for every video (benchmarks/README.md,
+    section 5). The stage-1 heads train with it."""
+
+    weight: float = Field(default=0.0, ge=0, description="0: off.")
+    every: int = Field(
+        default=1,
+        ge=1,
+        description="Anchor one optimiser step in this many (it costs a stage-1 step each time).",
+    )
+    batch_size: int = Field(default=16, ge=2, description="Captions per anchor batch, per worker.")
+
+
 class StageTrainConfig(Section):
     tasks: list[Task]
     epochs: int = Field(default=1, ge=1)
@@ -47,6 +62,7 @@ class StageTrainConfig(Section):
     )
     optimizer: OptimizerConfig = OptimizerConfig()
     schedule: ScheduleConfig = ScheduleConfig()
+    anchor: AnchorConfig = AnchorConfig()
     log_every: int = Field(default=10, ge=1, description="Optimiser steps between log lines.")
     checkpoint_every: int | None = Field(
         default=None, ge=1, description="Optimiser steps between checkpoints (and epoch ends)."

@@ -178,39 +178,52 @@ class DamoModel(nn.Module):
         prefixes = tuple(prefix + "." for prefix in COMPONENT_MODULES[component])
         return {name: param for name, param in self.named_parameters() if name.startswith(prefixes)}
 
-    def trainable_named_parameters(self, stage: int) -> dict[str, nn.Parameter]:
+    def trainable_components(self, stage: int, anchored: bool = False) -> list[Component]:
+        """Stage `stage`'s trainable components; an anchored LM stage (the stage-1 losses added
+        to its loss, `train.stages.stageK.anchor`) trains the stage-1 heads as well."""
+        components = list(self.cfg.stages.get(stage).trainable)
+        if anchored and "heads" not in components:
+            components.append("heads")
+        return components
+
+    def trainable_named_parameters(
+        self, stage: int, anchored: bool = False
+    ) -> dict[str, nn.Parameter]:
         """The parameters stage `stage` trains (DESIGN §4, `cfg.stages`).
 
         Only parameters on the stage's loss path count: the bridge's projection to the LLM is
-        unused by the LLM-free alignment objective, and the stage-1 heads by the LM stages.
+        unused by the LLM-free alignment objective, and the stage-1 heads by the LM stages
+        unless they are anchored.
         """
         stage_cfg = self.cfg.stages.get(stage)
         params: dict[str, nn.Parameter] = {}
-        for component in stage_cfg.trainable:
-            if stage_cfg.objective == "lm" and component == "heads":
+        for component in self.trainable_components(stage, anchored):
+            if stage_cfg.objective == "lm" and component == "heads" and not anchored:
                 continue
             params.update(self.component_parameters(component))
         if stage_cfg.objective == "alignment":
             params = {k: v for k, v in params.items() if not k.startswith("pathway.bridge.to_llm")}
         return params
 
-    def trainable_parameters(self, stage: int) -> list[nn.Parameter]:
-        return list(self.trainable_named_parameters(stage).values())
+    def trainable_parameters(self, stage: int, anchored: bool = False) -> list[nn.Parameter]:
+        return list(self.trainable_named_parameters(stage, anchored).values())
 
-    def set_stage(self, stage: int) -> list[nn.Parameter]:
+    def set_stage(self, stage: int, anchored: bool = False) -> list[nn.Parameter]:
         """Freeze everything but stage `stage`'s trainable set; return that set (for the
         optimizer)."""
-        trainable = self.trainable_named_parameters(stage)
+        trainable = self.trainable_named_parameters(stage, anchored)
         for name, param in self.named_parameters():
             param.requires_grad_(name in trainable)
         return list(trainable.values())
 
-    def parameter_groups(self, stage: int, lr: float, lr_scale: dict[str, float]) -> list[dict]:
+    def parameter_groups(
+        self, stage: int, lr: float, lr_scale: dict[str, float], anchored: bool = False
+    ) -> list[dict]:
         """Optimizer parameter groups for stage `stage`: one per trainable component, each at
         lr x its scale (`train.stages.stageK.optimizer.lr_scale`). Call after `set_stage`."""
-        trainable = self.trainable_named_parameters(stage)
+        trainable = self.trainable_named_parameters(stage, anchored)
         groups = []
-        for component in self.cfg.stages.get(stage).trainable:
+        for component in self.trainable_components(stage, anchored):
             names = [n for n in self.component_parameters(component) if n in trainable]
             if names:
                 scale = lr_scale.get(component, 1.0)
@@ -223,17 +236,32 @@ class DamoModel(nn.Module):
         return self
 
     # ---- forward ---------------------------------------------------------------------------
-    def forward(self, batch: dict[str, Tensor], stage: int) -> dict[str, Tensor]:
-        """The losses of stage `stage` for one batch; `loss` is what to minimise."""
-        video = VideoFeatures.from_batch(batch)
-        if self.training and self.cfg.drop_audio_prob > 0:
-            video = drop_audio(video, self.cfg.drop_audio_prob)
+    def forward(
+        self, batch: dict[str, Tensor], stage: int, anchor: dict[str, Tensor] | None = None
+    ) -> dict[str, Tensor]:
+        """The losses of stage `stage` for one batch; `loss` is what to minimise.
+
+        `anchor`: a stage-1 caption batch for an LM stage; its alignment loss comes back as
+        `anchor`, for the caller to weigh into `loss` (one forward, as DDP wants)."""
+        video = self.training_video(batch)
         if self.cfg.stages.get(stage).objective == "alignment":
             return self.alignment_losses(
                 video, batch["text_input_ids"], batch["text_attention_mask"]
             )
         loss = self.lm_loss(video, batch["input_ids"], batch["attention_mask"], batch["labels"])
-        return {"lm": loss, "loss": loss}
+        losses = {"lm": loss, "loss": loss}
+        if anchor is not None:
+            losses["anchor"] = self.alignment_losses(
+                self.training_video(anchor), anchor["text_input_ids"], anchor["text_attention_mask"]
+            )["loss"]
+        return losses
+
+    def training_video(self, batch: dict[str, Tensor]) -> VideoFeatures:
+        """A batch's video features; in training, some lose their audio (`drop_audio_prob`)."""
+        video = VideoFeatures.from_batch(batch)
+        if self.training and self.cfg.drop_audio_prob > 0:
+            video = drop_audio(video, self.cfg.drop_audio_prob)
+        return video
 
     def soft_prompt(self, video: VideoFeatures) -> Tensor:
         return self.pathway(video)  # (B, K, H)

@@ -42,6 +42,7 @@ from damo.train.stages import StageSpec, stage_spec
 MODEL_DIR = "model"
 TRAIN_STATE = "train_state.pt"
 RANDOM_STATE = "random_state_rank{rank}.pt"  # one per rank: Ray merges the ranks' files
+ANCHOR_DATASET = "anchor"  # stage 1's captions, for an anchored LM stage
 GROUNDING_ANSWER_TOKENS = 24  # as `damo eval run`'s default --max-new-tokens
 
 
@@ -108,6 +109,30 @@ def skip_rows(batches: Iterator[dict], rows: int) -> Iterator[dict]:
             batch = {key: value[rows:] for key, value in batch.items()}
             rows = 0
         yield batch
+
+
+def anchor_batches(shard, batch_size: int, seed: int, position: dict) -> Iterator[dict]:
+    """Caption batches for an anchored LM stage: pass after pass over this rank's shard, each
+    pass in its own seeded order, full batches only (VTC and VTM learn from the others in the
+    batch). `position` counts the passes and the rows taken from the current one, so a stage
+    resumed from a checkpoint carries on with the batch it would have drawn next."""
+    while True:
+        skip, drawn = position["anchor_rows"], 0
+        batches = shard.iter_batches(
+            batch_size=batch_size,
+            batch_format="numpy",
+            drop_last=True,
+            local_shuffle_buffer_size=8 * batch_size,
+            local_shuffle_seed=seed + position["anchor_pass"],
+        )
+        for rows in skip_rows(batches, skip):
+            position["anchor_rows"] += len(rows["record_id"])
+            drawn += 1
+            yield rows
+        if not drawn and not skip:
+            raise RuntimeError(f"the anchor's shard holds less than one batch of {batch_size}")
+        position["anchor_pass"] += 1
+        position["anchor_rows"] = 0
 
 
 class RecordIdLog:
@@ -241,10 +266,12 @@ def train_loop_per_worker(config: dict) -> None:
     )
     if config.get("init_checkpoint"):
         load_weights(model, storage.fetch_dir(config["init_checkpoint"]) / MODEL_DIR)
-    params = model.set_stage(stage)
+    params = model.set_stage(stage, anchored=spec.anchored)
     model.to(device)
     optimizer = torch.optim.AdamW(
-        model.parameter_groups(stage, spec.optimizer.lr, spec.optimizer.lr_scale),
+        model.parameter_groups(
+            stage, spec.optimizer.lr, spec.optimizer.lr_scale, anchored=spec.anchored
+        ),
         lr=spec.optimizer.lr,
         weight_decay=spec.optimizer.weight_decay,
         betas=spec.optimizer.betas,
@@ -255,6 +282,8 @@ def train_loop_per_worker(config: dict) -> None:
         warmup_cosine(total_steps, spec.schedule.warmup_ratio, spec.schedule.min_lr_ratio),
     )
     position = {"epoch": 0, "step": 0, "epoch_rows": 0, "restarts": 0, "workers": world}
+    if spec.anchored:
+        position.update(anchor_pass=0, anchor_rows=0)
     resumed = ray.train.get_checkpoint()
     if resumed is not None:
         with resumed.as_directory() as directory:
@@ -271,6 +300,12 @@ def train_loop_per_worker(config: dict) -> None:
         model, move_to_device=False, parallel_strategy_kwargs={"find_unused_parameters": True}
     )
     collate = StageCollator(spec.objective, model.prompt_builder, model.tokenize_text)
+    anchor = None
+    if spec.anchored:
+        anchor_collate = StageCollator("alignment", tokenize_text=model.tokenize_text)
+        anchor = anchor_batches(
+            ray.train.get_dataset_shard(ANCHOR_DATASET), spec.anchor.batch_size, cfg.seed, position
+        )
     autocast = (
         torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
     )
@@ -356,6 +391,7 @@ def train_loop_per_worker(config: dict) -> None:
         report({"val_loss": validate(), "lr": scheduler.get_last_lr()[0]}, with_checkpoint=False)
     model.train()
     running, seen, window_start = 0.0, 0, time.monotonic()
+    anchor_running, anchor_seen = 0.0, 0
     done = spec.max_steps is not None and position["step"] >= total_steps
     while position["epoch"] < spec.epochs and not done:
         shard = ray.train.get_dataset_shard(epoch_datasets[position["epoch"]])
@@ -375,9 +411,21 @@ def train_loop_per_worker(config: dict) -> None:
         first = skip // spec.batch_size  # the index (in this epoch) of the next batch
         for index, rows in enumerate(batches, start=first):
             batch = collate(rows)
+            # the anchor rides on the first micro-batch of every `anchor.every`-th step
+            anchored = (
+                anchor is not None
+                and index % spec.grad_accum == 0
+                and position["step"] % spec.anchor.every == 0
+            )
+            captions = to_device(anchor_collate(next(anchor))) if anchored else None
             with autocast:
-                losses = ddp(to_device(batch), stage)
-            (losses["loss"] / spec.grad_accum).backward()
+                losses = ddp(to_device(batch), stage, captions)
+            objective = losses["loss"] / spec.grad_accum
+            if anchored:
+                objective = objective + spec.anchor.weight * losses["anchor"]
+                anchor_running += float(losses["anchor"].detach())
+                anchor_seen += 1
+            objective.backward()
             running += float(losses["loss"].detach())
             seen += 1
             position["epoch_rows"] += len(rows["record_id"]) * world  # equal shards
@@ -403,16 +451,22 @@ def train_loop_per_worker(config: dict) -> None:
                     "lr": scheduler.get_last_lr()[0],
                     "samples_per_s": rate,
                 }
+                if anchor_seen:
+                    metrics["train_anchor_loss"] = anchor_running / anchor_seen
                 if rank == 0:
+                    anchor_note = (
+                        f" anchor {metrics['train_anchor_loss']:.4f}" if anchor_seen else ""
+                    )
                     print(
                         f"{label} epoch {position['epoch'] + 1}/{spec.epochs} step "
-                        f"{step}/{total_steps} loss {metrics['train_loss']:.4f} "
+                        f"{step}/{total_steps} loss {metrics['train_loss']:.4f}{anchor_note} "
                         f"lr {metrics['lr']:.2e} {rate:.1f} samples/s",
                         flush=True,
                     )
                 checkpoint_now = bool(spec.checkpoint_every) and step % spec.checkpoint_every == 0
                 report(metrics, with_checkpoint=checkpoint_now)
                 running, seen, window_start = 0.0, 0, time.monotonic()
+                anchor_running, anchor_seen = 0.0, 0
             elif spec.checkpoint_every and step % spec.checkpoint_every == 0 and not last:
                 report({"lr": scheduler.get_last_lr()[0]}, with_checkpoint=True)
             if done:
@@ -433,6 +487,9 @@ def train_loop_per_worker(config: dict) -> None:
             )
         if seen:
             metrics["train_loss"] = running / seen
+        if anchor_seen:
+            metrics["train_anchor_loss"] = anchor_running / anchor_seen
         report(metrics, with_checkpoint=True)
         running, seen, window_start = 0.0, 0, time.monotonic()
+        anchor_running, anchor_seen = 0.0, 0
     logger.close()

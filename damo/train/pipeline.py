@@ -19,7 +19,7 @@ from damo.config import DamoConfig, config_hash
 from damo.data.extract import feature_config_hash
 from damo.data.training import training_dataset
 from damo.storage import Storage, join, parse_uri
-from damo.train.loop import optimizer_steps, train_loop_per_worker
+from damo.train.loop import ANCHOR_DATASET, optimizer_steps, train_loop_per_worker
 from damo.train.stages import STAGE_NAMES, stage_spec
 from damo.version import code_version
 
@@ -174,6 +174,21 @@ def fit_stage(
         train = datasets.pop("train")
         for epoch, name in enumerate(names):
             datasets[name] = train.random_shuffle(seed=cfg.seed + epoch)
+    split = sorted(set(names))
+    if spec.anchored:  # stage 1's captions, read in passes for as long as the stage runs
+        records = join(data.records, f"{data.train_split}.parquet")
+        captions, report = training_dataset(
+            data.features, records, ("caption",), storage, feature_hash
+        )
+        if report.matched < spec.anchor.batch_size * cfg.train.scaling.num_workers:
+            raise TrainError(
+                f"stage {stage}: the anchor needs {spec.anchor.batch_size} captions per worker "
+                f"(train.stages.stage{stage}.anchor.batch_size); {report.matched} "
+                f"{data.train_split} captions have features (config {feature_hash}) under "
+                f"{data.features}"
+            )
+        datasets[ANCHOR_DATASET] = captions.random_shuffle(seed=cfg.seed)
+        split.append(ANCHOR_DATASET)
     # Deterministic order per epoch: a resumed epoch skips exactly the rows it trained
     ingest = DataConfig.default_ingest_options()
     ingest.preserve_order = True
@@ -221,7 +236,7 @@ def fit_stage(
         # the validation splits are not cut by Ray: an equal split drops rows to even the
         # shards out (1 row over 2 workers gives each none). Every rank reads them whole and
         # computes its share of the batches (damo.train.loop.rank_share)
-        dataset_config=DataConfig(datasets_to_split=sorted(set(names)), execution_options=ingest),
+        dataset_config=DataConfig(datasets_to_split=split, execution_options=ingest),
     )
     return trainer.fit(), matched, total_steps
 

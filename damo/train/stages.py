@@ -9,10 +9,10 @@ stage  name                     objective                  trainable (default)
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from damo.config import DamoConfig
-from damo.config.train import OptimizerConfig, ScheduleConfig
+from damo.config.train import AnchorConfig, OptimizerConfig, ScheduleConfig
 
 STAGE_NAMES = {
     1: "video-text alignment",
@@ -40,6 +40,11 @@ class StageSpec:
     checkpoint_every: int | None
     val_grounding: bool = False
     checkpoint_metric: str = "val_loss"
+    anchor: AnchorConfig = field(default_factory=AnchorConfig)
+
+    @property
+    def anchored(self) -> bool:
+        return self.anchor.weight > 0
 
 
 def stage_spec(cfg: DamoConfig, stage: int) -> StageSpec:
@@ -49,6 +54,11 @@ def stage_spec(cfg: DamoConfig, stage: int) -> StageSpec:
         raise ValueError(
             f"train.stages.stage{stage}.val_grounding needs an LM stage: stage {stage}'s "
             f"objective is {model_stage.objective} (no answers to score)"
+        )
+    if recipe.anchor.weight > 0 and model_stage.objective != "lm":
+        raise ValueError(
+            f"train.stages.stage{stage}.anchor needs an LM stage: stage {stage}'s objective is "
+            f"{model_stage.objective} (its loss is the anchor already)"
         )
     heads = cfg.model.heads
     weights = (
@@ -73,4 +83,5 @@ def stage_spec(cfg: DamoConfig, stage: int) -> StageSpec:
         checkpoint_every=recipe.checkpoint_every,
         val_grounding=recipe.val_grounding,
         checkpoint_metric=recipe.checkpoint_metric,
+        anchor=recipe.anchor,
     )
