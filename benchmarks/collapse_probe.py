@@ -41,7 +41,7 @@ VARIANTS: dict[str, dict] = {
         "trainable": {2: ["fuseformer", "bridge"], 3: ["fuseformer", "bridge", "lora"]},
         "anchor_weight": 1.0,
     },
-    # what `damo train` ships: the anchor on one LM step in 8 (`train.stages.stageK.anchor`)
+    # the anchor on one LM step in 8, a rate the full bar also ran (`train.stages.stageK.anchor`)
     "anchor_every8": {
         "trainable": {2: ["fuseformer", "bridge"], 3: ["fuseformer", "bridge", "lora"]},
         "anchor_weight": 1.0,

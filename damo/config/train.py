@@ -47,7 +47,8 @@ class AnchorConfig(Section):
     every: int = Field(
         default=1,
         ge=1,
-        description="Anchor one optimiser step in this many (it costs a stage-1 step each time).",
+        description="Anchor one optimiser step in this many (each costs a stage-1 forward and "
+        "backward).",
     )
     batch_size: int = Field(default=16, ge=2, description="Captions per anchor batch, per worker.")
 
