@@ -14,6 +14,7 @@ from damo.data.extract import feature_config_hash
 from damo.data.records import read_records, write_records
 from damo.data.training import StageCollator, conversation, training_dataset
 from damo.model.damo import DamoModel
+from damo.model.video import VideoFeatures
 from damo.storage import Storage, join
 from damo.train.stages import stage_spec
 
@@ -197,5 +198,39 @@ def test_an_anchored_lm_stage_trains_the_stage1_heads_on_captions(
     assert not any("lora_" in n for n in reached)  # the LLM never sees the captions
     model.zero_grad(set_to_none=True)
 
+    # `anchor.losses` picks the terms: without VTG the captioning head gets no gradient
+    cheap = model(batches[3], 3, batches[1], ["vtc", "vtm"])["anchor"]
+    cheap.backward()
+    reached = {n for n, p in model.named_parameters() if p.grad is not None and p.grad.abs().sum()}
+    assert not any(n.startswith("heads.vtg.") for n in reached)
+    assert any(n.startswith("heads.vtc.") for n in reached)
+    assert any(n.startswith("heads.vtm.") for n in reached)
+    model.zero_grad(set_to_none=True)
+    model.eval()  # no audio dropped at random, so the two calls see the same videos
+    with torch.no_grad():
+        video = VideoFeatures.from_batch(batches[1])
+        ids, mask = batches[1]["text_input_ids"], batches[1]["text_attention_mask"]
+        torch.manual_seed(1)  # VTM draws its hard negatives
+        full = model.alignment_losses(video, ids, mask)
+        torch.manual_seed(1)
+        cheap = model(batches[3], 3, batches[1], ["vtc", "vtm"])["anchor"]
+    weights = model.cfg.heads
+    assert set(model.alignment_losses(video, ids, mask, ["vtg"])) == {"vtg", "loss"}
+    torch.testing.assert_close(
+        cheap, weights.vtc_weight * full["vtc"] + weights.vtm_weight * full["vtm"]
+    )
+    torch.testing.assert_close(
+        full["loss"],
+        weights.vtc_weight * full["vtc"]
+        + weights.vtm_weight * full["vtm"]
+        + weights.vtg_weight * full["vtg"],
+    )
+
     with pytest.raises(ValueError, match="anchor needs an LM stage"):
         stage_spec(load_config("tiny", ["train.stages.stage1.anchor.weight=1"]), 1)
+    with pytest.raises(ValueError, match="lists a loss twice"):
+        load_config("tiny", ["train.stages.stage3.anchor.losses=[vtc,vtc]"])
+    with pytest.raises(ValueError, match="at least 1"):
+        load_config("tiny", ["train.stages.stage3.anchor.losses=[]"])
+    with pytest.raises(ValueError, match="vtx"):
+        load_config("tiny", ["train.stages.stage3.anchor.losses=[vtx]"])

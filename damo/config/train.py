@@ -15,6 +15,7 @@ from damo.config.model import Component
 from damo.config.schema import Section
 
 Task = Literal["caption", "qa", "grounding", "temporal_qa", "dialogue"]
+AlignmentLoss = Literal["vtc", "vtm", "vtg"]
 
 
 class OptimizerConfig(Section):
@@ -38,10 +39,11 @@ class ScheduleConfig(Section):
 
 
 class AnchorConfig(Section):
-    """Stage 1's alignment losses (VTC + VTM + VTG on a caption batch) added to an LM stage's
-    loss, so that a pathway trained on the LM loss keeps telling videos apart: without it the
-    tiny preset's Fuseformer learned one soft prompt for every video (benchmarks/README.md,
-    section 5). The stage-1 heads train with it."""
+    """Stage 1's alignment losses (VTC + VTM + VTG on a caption batch, or those in `losses`)
+    added to an LM stage's loss, so that a pathway trained on the LM loss keeps telling videos
+    apart: without it the tiny preset's Fuseformer learned one soft prompt for every video
+    (benchmarks/README.md, section 5). The stage-1 heads train with it; a head whose loss is
+    not listed gets no gradient and stays as stage 1 left it."""
 
     weight: float = Field(default=0.0, ge=0, description="0: off.")
     every: int = Field(
@@ -51,6 +53,18 @@ class AnchorConfig(Section):
         "backward).",
     )
     batch_size: int = Field(default=16, ge=2, description="Captions per anchor batch, per worker.")
+    losses: list[AlignmentLoss] = Field(
+        default=["vtc", "vtm", "vtg"],
+        min_length=1,
+        description="Which stage-1 losses anchor (each at its model.heads weight). VTG, the "
+        "captioning head, is about 90% of an anchor step's cost on the tiny preset.",
+    )
+
+    @model_validator(mode="after")
+    def _distinct_losses(self) -> AnchorConfig:
+        if len(set(self.losses)) != len(self.losses):
+            raise ValueError(f"anchor.losses lists a loss twice: {self.losses}")
+        return self
 
 
 class StageTrainConfig(Section):

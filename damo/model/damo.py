@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import warnings
 from collections import OrderedDict
+from collections.abc import Sequence
 from contextlib import nullcontext
 from dataclasses import replace
 
@@ -33,6 +34,8 @@ from damo.model.backbones import (
 from damo.model.heads import AlignmentHeads
 from damo.model.llm import PromptBuilder, add_lora, position_ids_from_mask, splice_video
 from damo.model.video import VideoFeatures, VideoPathway
+
+ALIGNMENT_LOSSES = ("vtc", "vtm", "vtg")  # stage 1's losses
 
 # Which submodules make up each trainable component; `lora` is the LLM's adapter.
 COMPONENT_MODULES: dict[str, tuple[str, ...]] = {
@@ -237,12 +240,17 @@ class DamoModel(nn.Module):
 
     # ---- forward ---------------------------------------------------------------------------
     def forward(
-        self, batch: dict[str, Tensor], stage: int, anchor: dict[str, Tensor] | None = None
+        self,
+        batch: dict[str, Tensor],
+        stage: int,
+        anchor: dict[str, Tensor] | None = None,
+        anchor_losses: Sequence[str] = ALIGNMENT_LOSSES,
     ) -> dict[str, Tensor]:
         """The losses of stage `stage` for one batch; `loss` is what to minimise.
 
-        `anchor`: a stage-1 caption batch for an LM stage; its alignment loss comes back as
-        `anchor`, for the caller to weigh into `loss` (one forward, as DDP wants)."""
+        `anchor`: a stage-1 caption batch for an LM stage; its alignment loss (the terms in
+        `anchor_losses`) comes back as `anchor`, for the caller to weigh into `loss` (one
+        forward, as DDP wants)."""
         video = self.training_video(batch)
         if self.cfg.stages.get(stage).objective == "alignment":
             return self.alignment_losses(
@@ -252,7 +260,10 @@ class DamoModel(nn.Module):
         losses = {"lm": loss, "loss": loss}
         if anchor is not None:
             losses["anchor"] = self.alignment_losses(
-                self.training_video(anchor), anchor["text_input_ids"], anchor["text_attention_mask"]
+                self.training_video(anchor),
+                anchor["text_input_ids"],
+                anchor["text_attention_mask"],
+                anchor_losses,
             )["loss"]
         return losses
 
@@ -298,26 +309,32 @@ class DamoModel(nn.Module):
             ).last_hidden_state  # (B, S, Dt)
 
     def alignment_losses(
-        self, video: VideoFeatures, text_input_ids: Tensor, text_attention_mask: Tensor
+        self,
+        video: VideoFeatures,
+        text_input_ids: Tensor,
+        text_attention_mask: Tensor,
+        which: Sequence[str] = ALIGNMENT_LOSSES,
     ) -> dict[str, Tensor]:
-        """Stage 1: VTC + VTM (hard negatives from the VTC similarities) + VTG."""
+        """Stage 1: VTC + VTM (hard negatives from the VTC similarities) + VTG, or the terms
+        in `which`; `loss` weighs them by `model.heads`."""
         weights = self.cfg.heads
         query_states = self.pathway.query_states(video)  # (B, K, D)
-        text_states = self.text_states(text_input_ids, text_attention_mask)  # (B, S, Dt)
-        video_emb = self.heads.vtc.embed_video(query_states)  # (B, E)
-        text_emb = self.heads.vtc.embed_text(text_states, text_attention_mask)  # (B, E)
-        sims = self.heads.vtc.similarities(video_emb, text_emb)  # (B, B)
-        losses = {
-            "vtc": self.heads.vtc.loss(sims),
-            "vtm": self.heads.vtm.loss(
+        losses = {}
+        if "vtc" in which or "vtm" in which:
+            text_states = self.text_states(text_input_ids, text_attention_mask)  # (B, S, Dt)
+            video_emb = self.heads.vtc.embed_video(query_states)  # (B, E)
+            text_emb = self.heads.vtc.embed_text(text_states, text_attention_mask)  # (B, E)
+            sims = self.heads.vtc.similarities(video_emb, text_emb)  # (B, B)
+        if "vtc" in which:
+            losses["vtc"] = self.heads.vtc.loss(sims)
+        if "vtm" in which:
+            losses["vtm"] = self.heads.vtm.loss(
                 query_states, text_states, text_attention_mask, sims.detach()
-            ),
-            "vtg": self.heads.vtg.loss(query_states, text_input_ids, text_attention_mask),
-        }
-        losses["loss"] = (
-            weights.vtc_weight * losses["vtc"]
-            + weights.vtm_weight * losses["vtm"]
-            + weights.vtg_weight * losses["vtg"]
+            )
+        if "vtg" in which:
+            losses["vtg"] = self.heads.vtg.loss(query_states, text_input_ids, text_attention_mask)
+        losses["loss"] = sum(
+            getattr(weights, f"{name}_weight") * loss for name, loss in losses.items()
         )
         return losses
 

@@ -419,7 +419,7 @@ def train_loop_per_worker(config: dict) -> None:
             )
             captions = to_device(anchor_collate(next(anchor))) if anchored else None
             with autocast:
-                losses = ddp(to_device(batch), stage, captions)
+                losses = ddp(to_device(batch), stage, captions, spec.anchor.losses)
             objective = losses["loss"] / spec.grad_accum
             if anchored:
                 objective = objective + spec.anchor.weight * losses["anchor"]
