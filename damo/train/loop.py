@@ -304,7 +304,10 @@ def train_loop_per_worker(config: dict) -> None:
     if spec.anchored:
         anchor_collate = StageCollator("alignment", tokenize_text=model.tokenize_text)
         anchor = anchor_batches(
-            ray.train.get_dataset_shard(ANCHOR_DATASET), spec.anchor.batch_size, cfg.seed, position
+            ray.train.get_dataset_shard(ANCHOR_DATASET),
+            config["anchor_batch_size"],  # the config's, or fewer on a small split
+            cfg.seed,
+            position,
         )
     autocast = (
         torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()

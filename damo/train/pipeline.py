@@ -175,17 +175,26 @@ def fit_stage(
         for epoch, name in enumerate(names):
             datasets[name] = train.random_shuffle(seed=cfg.seed + epoch)
     split = sorted(set(names))
+    anchor_batch_size = None
     if spec.anchored:  # stage 1's captions, read in passes for as long as the stage runs
         records = join(data.records, f"{data.train_split}.parquet")
         captions, report = training_dataset(
             data.features, records, ("caption",), storage, feature_hash
         )
-        if report.matched < spec.anchor.batch_size * cfg.train.scaling.num_workers:
+        workers = cfg.train.scaling.num_workers
+        anchor_batch_size = min(spec.anchor.batch_size, report.matched // workers)
+        if anchor_batch_size < 2:  # VTC contrasts the captions of one batch
             raise TrainError(
-                f"stage {stage}: the anchor needs {spec.anchor.batch_size} captions per worker "
-                f"(train.stages.stage{stage}.anchor.batch_size); {report.matched} "
-                f"{data.train_split} captions have features (config {feature_hash}) under "
-                f"{data.features}"
+                f"stage {stage}: the anchor needs at least 2 captions per worker; "
+                f"{report.matched} {data.train_split} captions have features (config "
+                f"{feature_hash}) under {data.features} for {workers} workers"
+            )
+        if anchor_batch_size < spec.anchor.batch_size:
+            print(
+                f"warning: stage {stage}: the anchor's batches hold {anchor_batch_size} "
+                f"captions, not {spec.anchor.batch_size} (train.stages.stage{stage}.anchor."
+                f"batch_size): {report.matched} {data.train_split} captions have features, "
+                f"for {workers} workers"
             )
         datasets[ANCHOR_DATASET] = captions.random_shuffle(seed=cfg.seed)
         split.append(ANCHOR_DATASET)
@@ -215,6 +224,7 @@ def fit_stage(
             "init_checkpoint": init_checkpoint,
             "total_steps": total_steps,
             "batches_per_epoch": batches,
+            "anchor_batch_size": anchor_batch_size,
             "train_datasets": names,
             "run_uri": run,
         },
