@@ -183,6 +183,10 @@ def test_driver_killed_in_stage_3_resumes_there(
         assert after[stage] == before[stage]
     assert after["3"]["status"] == after["4"]["status"] == "finished"
     assert after["3"]["attempts"] == 2
+    # the preset anchors stages 2 and 3 with 16 captions a batch; this world has fewer
+    log = (config.parent / "dk.log").read_text(errors="replace")
+    for stage in (2, 3):
+        assert f"warning: stage {stage}: the anchor's batches hold" in log, log[-3000:]
     assert after["3"]["metrics"]["restarts"] >= 1  # resumed from its checkpoint, not step 0
     history = read_metrics(config, "dk", 3)
     assert [r["workers"] for r in history if r["restarts"] == 0][-1] == 1
@@ -302,6 +306,24 @@ def test_a_killed_worker_restarts_from_the_last_checkpoint(
     assert restarted.keys() == never.keys()
     differing = [name for name in never if not torch.equal(restarted[name], never[name])]
     assert not differing, f"{len(differing)} of {len(never)} tensors differ, e.g. {differing[:3]}"
+
+
+def test_an_anchor_needs_two_captions_per_worker_and_is_refused_before_training(
+    tmp_path, tiny_backbones, tiny_world, tiny_features, ray_cluster
+):
+    """The tiny preset anchors stages 2 and 3 with batches of 16 captions per worker; a split
+    with fewer shrinks them (the 4-stage test above sees the warning), but VTC needs two
+    captions to contrast, so fewer than two per worker stops the stage before any training."""
+    from damo.train.pipeline import TrainError, fit_stage
+
+    config = write_config(
+        tmp_path / "run.yaml", tiny_backbones, tiny_world, tiny_features, {"stage3": SMALL}
+    )
+    cfg = load_config(str(config), ["train.scaling.num_workers=64"])
+    assert cfg.train.stages.stage3.anchor.weight > 0  # the preset's own anchor
+    with pytest.raises(TrainError, match="at least 2 captions per worker.*for 64 workers"):
+        fit_stage(cfg, 3, str(tmp_path / "runs" / "few"), "few", None, Storage())
+    assert not (tmp_path / "runs" / "few").exists()  # nothing ran, nothing was written
 
 
 def test_ranks_share_an_unsplit_split_without_dropping_or_repeating_rows(ray_cluster):
