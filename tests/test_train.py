@@ -183,10 +183,6 @@ def test_driver_killed_in_stage_3_resumes_there(
         assert after[stage] == before[stage]
     assert after["3"]["status"] == after["4"]["status"] == "finished"
     assert after["3"]["attempts"] == 2
-    # the preset anchors stages 2 and 3 with 16 captions a batch; this world has fewer
-    log = (config.parent / "dk.log").read_text(errors="replace")
-    for stage in (2, 3):
-        assert f"warning: stage {stage}: the anchor's batches hold" in log, log[-3000:]
     assert after["3"]["metrics"]["restarts"] >= 1  # resumed from its checkpoint, not step 0
     history = read_metrics(config, "dk", 3)
     assert [r["workers"] for r in history if r["restarts"] == 0][-1] == 1
@@ -243,8 +239,10 @@ def test_a_killed_worker_restarts_from_the_last_checkpoint(
     row exactly once counting from the checkpoint: the rows trained before it, plus the rows
     of the restarted worker. Rows trained after the checkpoint (lost with the worker) are
     trained again, once. The stage is anchored (stage 1's losses on caption batches every
-    other step), so the anchor's caption stream must carry on from the checkpoint too."""
-    anchor = {"weight": 1.0, "every": 2, "batch_size": 4}
+    other step), so the anchor's caption stream must carry on from the checkpoint too. Its
+    batch (16, the default) is more than the tiny world's 10 training captions, so the anchor
+    uses batches of 10 and says so."""
+    anchor = {"weight": 1.0, "every": 2}
     config = write_config(
         tmp_path / "run.yaml",
         tiny_backbones,
@@ -278,6 +276,8 @@ def test_a_killed_worker_restarts_from_the_last_checkpoint(
     anchor_losses = [r["train_anchor_loss"] for r in history if "train_anchor_loss" in r]
     assert anchor_losses and all(math.isfinite(loss) for loss in anchor_losses)
     assert max(r["anchor_pass"] for r in history) >= 1  # the captions are read pass after pass
+    log = (config.parent / "wk.log").read_text(errors="replace")
+    assert "warning: stage 3: the anchor's batches hold 10 captions, not 16" in log, log[-3000:]
 
     logged = read_record_ids(config, "wk", 3)
     first, last = logged[0], logged[max(logged)]
@@ -311,16 +311,17 @@ def test_a_killed_worker_restarts_from_the_last_checkpoint(
 def test_an_anchor_needs_two_captions_per_worker_and_is_refused_before_training(
     tmp_path, tiny_backbones, tiny_world, tiny_features, ray_cluster
 ):
-    """The tiny preset anchors stages 2 and 3 with batches of 16 captions per worker; a split
-    with fewer shrinks them (the 4-stage test above sees the warning), but VTC needs two
-    captions to contrast, so fewer than two per worker stops the stage before any training."""
+    """An anchor's batches shrink on a split with fewer captions per worker than its batch
+    (the killed-worker test above sees the warning), but VTC needs two captions to contrast,
+    so fewer than two per worker stops the stage before any training."""
     from damo.train.pipeline import TrainError, fit_stage
 
     config = write_config(
         tmp_path / "run.yaml", tiny_backbones, tiny_world, tiny_features, {"stage3": SMALL}
     )
-    cfg = load_config(str(config), ["train.scaling.num_workers=64"])
-    assert cfg.train.stages.stage3.anchor.weight > 0  # the preset's own anchor
+    cfg = load_config(
+        str(config), ["train.scaling.num_workers=64", "train.stages.stage3.anchor.weight=1"]
+    )
     with pytest.raises(TrainError, match="at least 2 captions per worker.*for 64 workers"):
         fit_stage(cfg, 3, str(tmp_path / "runs" / "few"), "few", None, Storage())
     assert not (tmp_path / "runs" / "few").exists()  # nothing ran, nothing was written
