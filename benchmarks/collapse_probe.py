@@ -156,7 +156,7 @@ def train_stage(model, stage, examples, collate, steps, lr, batch_size, variant,
     """Plain AdamW + warm-up/cosine over random batches; returns the last losses."""
     import torch
 
-    from damo.model.damo import ALIGNMENT_LOSSES
+    from damo.config.train import ALIGNMENT_LOSSES
     from damo.train.loop import warmup_cosine
 
     params = model.set_stage(stage)

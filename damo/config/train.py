@@ -7,7 +7,7 @@ into one `StageSpec` per stage.
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Literal, get_args
 
 from pydantic import Field, model_validator
 
@@ -16,6 +16,7 @@ from damo.config.schema import Section
 
 Task = Literal["caption", "qa", "grounding", "temporal_qa", "dialogue"]
 AlignmentLoss = Literal["vtc", "vtm", "vtg"]
+ALIGNMENT_LOSSES: tuple[AlignmentLoss, ...] = get_args(AlignmentLoss)  # stage 1's losses
 
 
 class OptimizerConfig(Section):
@@ -54,7 +55,7 @@ class AnchorConfig(Section):
     )
     batch_size: int = Field(default=16, ge=2, description="Captions per anchor batch, per worker.")
     losses: list[AlignmentLoss] = Field(
-        default=["vtc", "vtm", "vtg"],
+        default=list(ALIGNMENT_LOSSES),
         min_length=1,
         description="Which stage-1 losses anchor (each at its model.heads weight). VTG, the "
         "captioning head, is about 90% of an anchor step's cost on the tiny preset.",

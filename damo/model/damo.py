@@ -20,6 +20,7 @@ import torch
 from torch import Tensor, nn
 
 from damo.config.model import Component, ModelConfig
+from damo.config.train import ALIGNMENT_LOSSES
 from damo.model.backbones import (
     DTYPES,
     Resolve,
@@ -34,8 +35,6 @@ from damo.model.backbones import (
 from damo.model.heads import AlignmentHeads
 from damo.model.llm import PromptBuilder, add_lora, position_ids_from_mask, splice_video
 from damo.model.video import VideoFeatures, VideoPathway
-
-ALIGNMENT_LOSSES = ("vtc", "vtm", "vtg")  # stage 1's losses
 
 # Which submodules make up each trainable component; `lora` is the LLM's adapter.
 COMPONENT_MODULES: dict[str, tuple[str, ...]] = {
