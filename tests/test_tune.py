@@ -6,6 +6,10 @@ The sweep itself (ASHA, a failing trial, a killed driver, `best`) is tests/test_
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 from typer.testing import CliRunner
@@ -421,3 +425,27 @@ def test_a_finished_stage_skipped_on_a_rerun_still_calls_its_after_stage_hook(tm
     seen = []
     train_pipeline(cfg, "r", (1,), log=lambda *_: None, after_stage={1: seen.append})
     assert seen == [entry]
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_a_trial_stopped_by_tune_frees_its_train_workers_beside_another_ray_cluster(
+    ray_cluster, tmp_path
+):
+    """Tune stops a trial (ASHA does the same) while its Ray Train run trains. The run's
+    placement group must go, or the next trial's Ray Data waits for its CPU forever. With a
+    second cluster on the machine (this session's), Ray Train's cleaner could not find its own
+    cluster unless `connect_ray` told the workers the address."""
+    assert ray_cluster.is_initialized()  # the other cluster
+    env = {**os.environ, "RAY_AUTH_MODE": "disabled"}
+    env.pop("RAY_ADDRESS", None)
+    done = subprocess.run(
+        [sys.executable, str(Path(__file__).parent / "tune_stopped_trial.py"), str(tmp_path)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=240,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    left = json.loads(done.stdout.strip().splitlines()[-1])
+    assert left == {"placement_groups_held": 0, "cpus_free": 2.0}, done.stderr[-3000:]

@@ -52,6 +52,7 @@ from damo.media.decode import (
 )
 from damo.media.isolated import DecoderProcess
 from damo.storage import ObjectInfo, Storage, StorageError, join
+from damo.storage.s3server import free_ports
 
 FEATURES_DIR = "features"
 ERRORS_DIR = "errors"
@@ -622,19 +623,39 @@ def connect_ray(cfg: DamoConfig, log_to_driver: bool = True) -> None:
     ray_cfg = cfg.ray
     # inside `ray job submit`, RAY_ADDRESS names the cluster and ray.init() joins it
     local = ray_cfg.address is None and "RAY_ADDRESS" not in os.environ
+    memory = ray_cfg.object_store_memory_mb
+    runtime_env, gcs_address = None, None
     if local:
         # A private cluster on this machine: token auth (on by default since 2.59) would only
         # break `ray job submit` against it (RAY_NOTES).
         os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-    memory = ray_cfg.object_store_memory_mb
-    ray.init(
-        address=ray_cfg.address,
-        num_cpus=ray_cfg.num_cpus if local else None,
-        object_store_memory=memory * 1024 * 1024 if memory and local else None,
-        log_to_driver=log_to_driver,
-        # a command that draws its own progress keeps ray.init's banner off its console too
-        logging_level=logging.INFO if log_to_driver else logging.WARNING,
-    )
+        # Ray's own actors find "their" cluster through the State API, which, with no
+        # RAY_ADDRESS, refuses to pick when another Ray cluster runs on this machine. Ray
+        # Train's PlacementGroupCleaner then dies, a trial that Tune stops early keeps its
+        # workers' CPUs, and the next trial's Ray Data waits for them forever. So the private
+        # cluster's GCS gets a port chosen here, and its workers are told the address.
+        gcs_address = f"{ray.util.get_node_ip_address()}:{free_ports(1, host='')[0]}"
+        runtime_env = {"env_vars": {"RAY_ADDRESS": gcs_address}}
+        os.environ["RAY_GCS_SERVER_PORT"] = gcs_address.rsplit(":", 1)[1]  # read by ray.init
+    try:
+        ray.init(
+            address=ray_cfg.address,
+            num_cpus=ray_cfg.num_cpus if local else None,
+            object_store_memory=memory * 1024 * 1024 if memory and local else None,
+            runtime_env=runtime_env,
+            log_to_driver=log_to_driver,
+            # a command that draws its own progress keeps ray.init's banner off its console
+            logging_level=logging.INFO if log_to_driver else logging.WARNING,
+        )
+    finally:
+        os.environ.pop("RAY_GCS_SERVER_PORT", None)
+    started_at = ray.get_runtime_context().gcs_address
+    if local and started_at != gcs_address:
+        ray.shutdown()
+        raise RuntimeError(
+            f"the local Ray cluster's GCS is at {started_at}, not at the {gcs_address} its "
+            "workers were told"
+        )
 
 
 def video_uris(storage: Storage, prefix: str) -> list[ListedUri]:
