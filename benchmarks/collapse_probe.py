@@ -48,8 +48,8 @@ VARIANTS: dict[str, dict] = {
         "anchor_weight": 1.0,
         "anchor_every": 8,
     },
-    # the anchor without VTG, the captioning head (90% of an anchor step's cost), as the full
-    # bar's candidate recipe runs it (`train.stages.stage{2,3}.anchor.losses: [vtc, vtm]`)
+    # the anchor without VTG, the captioning head (90% of an anchor step's cost): the tiny
+    # preset's recipe (`train.stages.stage{2,3}.anchor.losses: [vtc, vtm]`)
     "anchor_vtc_vtm": {
         "trainable": {2: ["fuseformer", "bridge"], 3: ["fuseformer", "bridge", "lora"]},
         "anchor_weight": 1.0,

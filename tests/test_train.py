@@ -183,6 +183,10 @@ def test_driver_killed_in_stage_3_resumes_there(
         assert after[stage] == before[stage]
     assert after["3"]["status"] == after["4"]["status"] == "finished"
     assert after["3"]["attempts"] == 2
+    # the preset anchors stages 2 and 3 with 16 captions a batch; this world has fewer
+    log = (config.parent / "dk.log").read_text(errors="replace")
+    for stage in (2, 3):
+        assert f"warning: stage {stage}: the anchor's batches hold" in log, log[-3000:]
     assert after["3"]["metrics"]["restarts"] >= 1  # resumed from its checkpoint, not step 0
     history = read_metrics(config, "dk", 3)
     assert [r["workers"] for r in history if r["restarts"] == 0][-1] == 1
