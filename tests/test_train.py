@@ -10,6 +10,7 @@ import contextlib
 import json
 import math
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -313,22 +314,44 @@ def test_a_killed_worker_restarts_from_the_last_checkpoint(
 
 
 def test_an_anchor_needs_two_captions_per_worker_and_is_refused_before_training(
-    tmp_path, tiny_backbones, tiny_world, tiny_features, ray_cluster
+    tmp_path, tiny_backbones, tiny_world, tiny_features, ray_cluster, capsys
 ):
     """An anchor's batches shrink on a split with fewer captions per worker than its batch
     (the killed-worker test above sees the warning), but VTC needs two captions to contrast,
-    so fewer than two per worker stops the stage before any training."""
+    so fewer than two per worker stops the stage before any training. A caption whose video
+    has no features is reported for the anchor's dataset, as for the stage's own splits."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
     from damo.train.pipeline import TrainError, fit_stage
 
+    records = tmp_path / "records"
+    shutil.copytree(tiny_world / "records", records)
+    train = pq.read_table(records / "train.parquet")
+    ghost = train.filter(pa.compute.equal(train["task"], "caption")).slice(0, 1).to_pylist()[0]
+    ghost.update(id="ghost-caption-0", video_id="ghost", video_uri="/nowhere/ghost.mp4")
+    pq.write_table(
+        pa.concat_tables([train, pa.Table.from_pylist([ghost], train.schema)]),
+        records / "train.parquet",
+    )
     config = write_config(
         tmp_path / "run.yaml", tiny_backbones, tiny_world, tiny_features, {"stage3": SMALL}
     )
     cfg = load_config(
-        str(config), ["train.scaling.num_workers=64", "train.stages.stage3.anchor.weight=1"]
+        str(config),
+        [
+            "train.scaling.num_workers=64",
+            "train.stages.stage3.anchor.weight=1",
+            f"train.data.records={records}",
+        ],
     )
     with pytest.raises(TrainError, match="at least 2 captions per worker.*for 64 workers"):
         fit_stage(cfg, 3, str(tmp_path / "runs" / "few"), "few", None, Storage())
     assert not (tmp_path / "runs" / "few").exists()  # nothing ran, nothing was written
+    printed = capsys.readouterr().out
+    captions = sum(1 for task in train["task"].to_pylist() if task == "caption") + 1
+    warning = f"warning: stage 3 anchor: 1 of {captions} records have no features"
+    assert f"{warning} (e.g. ['/nowhere/ghost.mp4'])" in printed, printed
 
 
 def test_ranks_share_an_unsplit_split_without_dropping_or_repeating_rows(ray_cluster):

@@ -121,6 +121,21 @@ def storage_uri(run: str, path: str) -> str:
     return f"s3://{path}" if parse_uri(run).scheme == "s3" else path
 
 
+def print_join_report(what: str, report) -> None:
+    """What joining a split's records to the features left out, so a user sees it before the
+    stage trains (`what` names the stage and dataset)."""
+    if report.stale_rows or report.duplicate_rows:
+        print(
+            f"{what}: skipped {report.stale_rows} feature rows of another feature config and "
+            f"{report.duplicate_rows} older duplicates"
+        )
+    if report.unmatched:
+        print(
+            f"warning: {what}: {report.unmatched} of {report.records} records have no "
+            f"features (e.g. {report.videos_without_features[:3]})"
+        )
+
+
 def fit_stage(
     cfg: DamoConfig,
     stage: int,
@@ -144,11 +159,7 @@ def fit_stage(
         datasets[name], report = training_dataset(
             data.features, records, spec.tasks, storage, feature_hash
         )
-        if report.stale_rows or report.duplicate_rows:
-            print(
-                f"stage {stage} {name}: skipped {report.stale_rows} feature rows of another "
-                f"feature config and {report.duplicate_rows} older duplicates"
-            )
+        print_join_report(f"stage {stage} {name}", report)
         matched[name] = report.matched
         if name == "val" and spec.val_grounding:  # answered and scored at each epoch end
             datasets["val_grounding"], grounding = training_dataset(
@@ -159,11 +170,6 @@ def fit_stage(
                     f"stage {stage}: val_grounding is on, but no {split} grounding record has "
                     f"features (config {feature_hash}) under {data.features}"
                 )
-        if report.unmatched:
-            print(
-                f"warning: stage {stage} {name}: {report.unmatched} of {report.records} "
-                f"records have no features (e.g. {report.videos_without_features[:3]})"
-            )
         if not report.matched:
             raise TrainError(
                 f"stage {stage}: no {name} records for tasks {spec.tasks} have "
@@ -181,6 +187,7 @@ def fit_stage(
         captions, report = training_dataset(
             data.features, records, ("caption",), storage, feature_hash
         )
+        print_join_report(f"stage {stage} anchor", report)
         workers = cfg.train.scaling.num_workers
         anchor_batch_size = min(spec.anchor.batch_size, report.matched // workers)
         if anchor_batch_size < 2:  # VTC contrasts the captions of one batch
