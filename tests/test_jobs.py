@@ -16,7 +16,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import socket
 import subprocess
 import sys
 import tempfile
@@ -26,17 +25,13 @@ from pathlib import Path
 import pytest
 from conftest import REPO_ROOT
 
+from damo.storage.s3server import free_ports
+
 pytestmark = [pytest.mark.slow, pytest.mark.stops_ray, pytest.mark.jobs]
 
 BIN = Path(sys.executable).parent
 BUCKET = f"s3://damo-jobs-{int(time.time())}"
 BACKBONES = ("vision", "audio", "text_encoder", "llm")
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def run(command: list[str], env: dict, timeout: float = 300) -> subprocess.CompletedProcess:
@@ -54,7 +49,7 @@ def head(s3_server):
     if ray.is_initialized():  # the session's cluster: `ray stop` below would end it anyway
         ray.shutdown()
     ray_tmp = tempfile.mkdtemp(prefix="rj-", dir="/tmp")  # unix sockets need a short path
-    dashboard = free_port()
+    dashboard = free_ports(1)[0]
     env = {
         **os.environ,
         "RAY_TMPDIR": ray_tmp,
@@ -83,7 +78,7 @@ def head(s3_server):
             str(BIN / "damo"),
             "cluster",
             "up",
-            f"--port={free_port()}",
+            f"--port={free_ports(1)[0]}",
             f"--dashboard-port={dashboard}",
             f"--storage-dir={s3_server.data_dir}",
             "--set=ray.num_cpus=2",

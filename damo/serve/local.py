@@ -2,17 +2,10 @@
 
 from __future__ import annotations
 
-import socket
-
 from pydantic import SecretStr
 
 from damo.config import DamoConfig
-
-
-def free_port(host: str = "127.0.0.1") -> int:
-    with socket.socket() as sock:
-        sock.bind((host, 0))
-        return sock.getsockname()[1]
+from damo.storage.s3server import free_ports
 
 
 def start(cfg: DamoConfig, checkpoint: str, token: SecretStr | None = None) -> str:
@@ -21,7 +14,7 @@ def start(cfg: DamoConfig, checkpoint: str, token: SecretStr | None = None) -> s
 
     from damo.serve.app import build_app
 
-    port = cfg.serve.port or free_port(cfg.serve.host)
+    port = cfg.serve.port or free_ports(1, cfg.serve.host)[0]
     app = build_app(cfg, checkpoint, token)
     serve.start(http_options={"host": cfg.serve.host, "port": port})
     serve.run(app, name=cfg.serve.app_name, route_prefix="/", blocking=False)
