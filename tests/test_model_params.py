@@ -60,10 +60,9 @@ def closed_forms(cfg) -> dict[str, int]:
     vocab_text, e = 30522, cfg.heads.embed_dim
     fuse = cfg.fuseformer
     residual = sum(norm(x) + ffn(x, cfg.residual.ffn_mult) + linear(x, d) for x in (dv, da))
-    visual_slots, audio_slots = 4 * 8, 1500 // cfg.residual.audio_compression  # 16x16 / 8; 25
     temporal = (d * (d // cfg.temporal.groups) * cfg.temporal.kernel + d) + 2 * (
         cfg.temporal.max_positions * d
-    ) + (visual_slots + audio_slots) * d
+    )
     layer = 3 * self_block(d, m) + 2 * cross(d) + (fuse.visual_queries + fuse.audio_queries) * d
     fuseformer = fuse.fusion_tokens * d + fuse.depth * layer + norm(d)
     to_llm = linear(d, h)

@@ -235,7 +235,7 @@ class ResidualConfig(Section):
 
 
 class TemporalConfig(Section):
-    """Grouped conv along time + learnable positions + sinusoidal timestamps (seconds) + slots."""
+    """Grouped conv along time + learnable positions + sinusoidal timestamps (seconds)."""
 
     kernel: int = Field(default=3, ge=1, description="Odd, so stride 1 keeps the frame count.")
     stride: int = Field(default=1, ge=1)
@@ -243,12 +243,6 @@ class TemporalConfig(Section):
     max_positions: int = Field(default=256, ge=1, description="Frames/segments with a position.")
     time_scale: float = Field(
         default=10000.0, gt=0, description="Max period of the sinusoidal timestamp embedding."
-    )
-    slot_embeddings: bool = Field(
-        default=True,
-        description="A learned embedding per pooled token slot of a frame (its grid cell) or "
-        "segment (its sub-window). Without it, every slot of a frame gets the same positions, "
-        "and attention, blind to order, cannot tell the top-left cell from the bottom-right.",
     )
 
 

@@ -151,15 +151,13 @@ def patch_grid(patches: int) -> tuple[int, int]:
 
 
 class TemporalPathway(nn.Module):
-    """Grouped conv along time (optional) + learnable positions + sinusoidal timestamps + slots.
+    """Grouped conv along time (optional) + learnable positions + sinusoidal timestamps.
 
     The convolution runs over time independently for each of the L' token slots, mixing
-    neighbouring frames; with stride s it keeps every s-th frame's time and mask. The slot
-    embedding (one per L' slot, shared by all frames) is what tells a frame's grid cells apart
-    once they are flattened into one sequence: the Fuseformer's attention has no other order.
+    neighbouring frames; with stride s it keeps every s-th frame's time and mask.
     """
 
-    def __init__(self, dim: int, cfg: TemporalConfig, convolve: bool, slots: int):
+    def __init__(self, dim: int, cfg: TemporalConfig, convolve: bool):
         super().__init__()
         if convolve and cfg.kernel % 2 == 0:
             raise ValueError(f"temporal kernel must be odd, got {cfg.kernel}")
@@ -173,7 +171,6 @@ class TemporalPathway(nn.Module):
             else None
         )
         self.position = nn.Embedding(cfg.max_positions, dim)
-        self.slot = nn.Embedding(slots, dim) if cfg.slot_embeddings else None
 
     def forward(self, x: Tensor, times: Tensor, mask: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         batch, steps, tokens, dim = x.shape  # (B, T, L', D)
@@ -187,8 +184,6 @@ class TemporalPathway(nn.Module):
         positions = self.position(torch.arange(x.shape[1], device=x.device))  # (T', D)
         clock = sinusoidal_embedding(times, dim, self.time_scale).to(x.dtype)  # (B, T', D)
         x = x + positions[None, :, None, :] + clock[:, :, None, :]  # (B, T', L', D)
-        if self.slot is not None:
-            x = x + self.slot.weight[None, None]  # (L', D) over every frame
         return x, times, mask
 
 
@@ -327,15 +322,14 @@ class VideoPathway(nn.Module):
         if width % temporal.groups:
             raise ValueError(f"temporal groups {temporal.groups} must divide width {width}")
         grid = patch_grid(visual_patches)
-        visual_grid = residual.visual_pool_grid(*grid)
-        audio_slots = max(1, audio_tokens // residual.audio_compression)
         self.visual_residual = GlobalResidual(
-            visual_dim, width, visual_grid, residual.ffn_mult, grid=grid
+            visual_dim, width, residual.visual_pool_grid(*grid), residual.ffn_mult, grid=grid
         )
-        self.audio_residual = GlobalResidual(audio_dim, width, audio_slots, residual.ffn_mult)
-        visual_slots = visual_grid[0] * visual_grid[1]
-        self.visual_temporal = TemporalPathway(width, temporal, convolve=True, slots=visual_slots)
-        self.audio_temporal = TemporalPathway(width, temporal, convolve=False, slots=audio_slots)
+        self.audio_residual = GlobalResidual(
+            audio_dim, width, max(1, audio_tokens // residual.audio_compression), residual.ffn_mult
+        )
+        self.visual_temporal = TemporalPathway(width, temporal, convolve=True)
+        self.audio_temporal = TemporalPathway(width, temporal, convolve=False)
         self.fuseformer = TFuseformer(fuseformer)
         self.bridge = Bridge(width, llm_dim, bridge, fuseformer.ffn_mult)
 
