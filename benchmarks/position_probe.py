@@ -1,0 +1,264 @@
+"""Where a shape's place is lost: linear probes from the encoder features to the LLM's input.
+
+Position questions ("where is the yellow square?") stay at chance (25%) on the learning bar.
+This asks each representation on the way to the LLM whether it still holds the answer: a
+linear probe (logistic regression) is trained on the training world's videos and scored on the
+held-out world's, for the quadrant and the colour of each clip's first shape (the colour is the
+control: the model answers colour questions well above chance).
+
+Representations, in the order the model computes them:
+- the frozen encoder's patches at the first shape's middle frame, pooled to the residual's grid
+  (tiny: 2 x 2) as the model pools them (what the pathway could know at best, told where to look);
+- the same cells sorted by their norm, so their place in the grid is lost (does the content
+  alone carry the place? CLIP adds position embeddings before its layers);
+- every frame's pooled cells (everything the pathway reads, not told where to look);
+- the bridge's query states (the soft prompt before the LLM projection) of an untrained pathway
+  and after each stage of a learning-bar run.
+
+It reads the learning bar's cache (`benchmarks/learning_bar.py` must have run): its embedded
+S3, the two worlds' features and records, and one run's checkpoints.
+
+    .venv/bin/python benchmarks/position_probe.py --run bar-f30d4915-seed0
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import time
+from pathlib import Path
+
+import numpy as np
+
+QUADRANTS = ("in the top left.", "in the top right.", "in the bottom left.", "in the bottom right.")
+WHERE = re.compile(r"where is the (\w+) (\w+)\?")
+TENSOR_COLUMNS = ("visual_features", "audio_features", "frame_times", "segment_bounds")
+WHEN = re.compile(r"when does the (\w+) (\w+) appear\?")
+
+
+def first_shapes(records: list[dict]) -> dict[str, dict]:
+    """video_uri -> the first shape to appear: its colour, quadrant and span."""
+    places: dict[tuple[str, str, str], str] = {}
+    spans: dict[str, list[tuple[float, float, str, str]]] = {}
+    for record in records:
+        if record["task"] == "qa" and (match := WHERE.fullmatch(record["query"] or "")):
+            places[(record["video_uri"], *match.groups())] = record["answer"]
+        if record["task"] == "grounding" and (match := WHEN.fullmatch(record["query"] or "")):
+            start, end = record["spans"][0]
+            spans.setdefault(record["video_uri"], []).append((start, end, *match.groups()))
+    first = {}
+    for video, events in spans.items():
+        start, end, colour, shape = min(events)
+        place = places.get((video, colour, shape))
+        if place in QUADRANTS:
+            first[video] = {"colour": colour, "quadrant": place, "span": (start, end)}
+    return first
+
+
+def read_features(
+    storage, features_uri: str, feature_hash: str, videos: set[str], shapes: dict
+) -> dict:
+    """video_uri -> its current feature row, its tensor columns in `shapes`."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+    import pyarrow.parquet as pq
+
+    from damo.data.training import select_feature_rows
+
+    selection = select_feature_rows(features_uri, storage, feature_hash, videos)
+    rows = {}
+    for path in sorted({path for path, _ in selection.chosen.values()}):
+        table = pq.read_table(path, filesystem=selection.filesystem)
+        keys = [key for p, key in selection.chosen.values() if p == path]
+        table = table.filter(pc.is_in(table.column("key"), value_set=pa.array(keys)))
+        for row in table.to_pylist():
+            for name, shape in shapes.items():
+                row[name] = np.asarray(row[name], dtype=np.float32).reshape(shape)  # were flat
+            rows[row["video_uri"]] = row
+    return rows
+
+
+def pooled_cells(visual: np.ndarray, grid: tuple[int, int]) -> np.ndarray:
+    """(T, 1+P, Dv) encoder output -> (T, rows x cols, Dv): the patches normalised and
+    average-pooled in 2-D as the model's residual pools them (before its learned layers)."""
+    import torch
+    import torch.nn.functional as F
+
+    from damo.model.video import patch_grid
+
+    patches = torch.as_tensor(visual[:, 1:]).float()  # (T, P, Dv)
+    frames, count, dim = patches.shape
+    patches = F.layer_norm(patches, (dim,)).transpose(1, 2)  # (T, Dv, P)
+    cells = F.adaptive_avg_pool2d(patches.reshape(frames, dim, *patch_grid(count)), grid)
+    return cells.flatten(2).transpose(1, 2).numpy()  # (T, rows x cols, Dv)
+
+
+def probe_accuracy(train_x, train_y, test_x, test_y, steps: int = 400) -> float:
+    """Held-out accuracy of a logistic regression (standardised inputs, weight decay)."""
+    import torch
+
+    torch.manual_seed(0)
+    train_x, test_x = torch.as_tensor(train_x).float(), torch.as_tensor(test_x).float()
+    mean, std = train_x.mean(0), train_x.std(0) + 1e-5
+    train_x, test_x = (train_x - mean) / std, (test_x - mean) / std
+    train_y, test_y = torch.as_tensor(train_y), torch.as_tensor(test_y)
+    linear = torch.nn.Linear(train_x.shape[1], int(max(train_y.max(), test_y.max())) + 1)
+    optimizer = torch.optim.Adam(linear.parameters(), lr=1e-2, weight_decay=1e-3)
+    for _ in range(steps):
+        optimizer.zero_grad()
+        torch.nn.functional.cross_entropy(linear(train_x), train_y).backward()
+        optimizer.step()
+    with torch.no_grad():
+        return float((linear(test_x).argmax(1) == test_y).float().mean()) * 100
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--run", required=True, help="a learning-bar run id (its checkpoints)")
+    parser.add_argument(
+        "--cache",
+        type=Path,
+        default=Path(os.environ.get("DAMO_BENCH_CACHE", "/tmp/damo-bench")) / "learning-bar",
+    )
+    parser.add_argument("--test-world", default="heldout-1-200", help="the held-out world's name")
+    parser.add_argument("--out", type=Path, default=Path("benchmarks/results_position_probe.json"))
+    args = parser.parse_args()
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+    import torch
+
+    from damo.config import DamoConfig, load_config
+    from damo.data.extract import feature_config_hash
+    from damo.data.synthetic import load_world_records
+    from damo.data.training import video_tensors
+    from damo.demo import BUCKET
+    from damo.eval.batch import load_model
+    from damo.model.backbones import vision_geometry
+    from damo.model.damo import DamoModel
+    from damo.model.video import VideoFeatures, patch_grid
+    from damo.storage import Storage, join
+    from damo.storage.s3server import EmbeddedS3Server
+    from damo.train.pipeline import read_manifest
+    from damo.version import code_version
+
+    torch.set_num_threads(1)
+    started = time.monotonic()
+    embedded = load_config("tiny").storage.embedded
+    with EmbeddedS3Server(embedded, data_dir=str(args.cache / "storage")) as state:
+        storage = Storage(state.s3_config())
+        manifest = read_manifest(storage, join(BUCKET, "runs", args.run))
+        if manifest is None or "4" not in manifest["stages"]:
+            raise SystemExit(f"{args.run}: no finished run of that name in {args.cache}")
+        cfg = DamoConfig.model_validate(manifest["config"])
+        feature_hash = feature_config_hash(cfg)
+        worlds = {
+            "train": (join(BUCKET, "world"), join(BUCKET, "features")),
+            "test": (
+                join(BUCKET, args.test_world),
+                join(BUCKET, "features-" + args.test_world),
+            ),
+        }
+        visual_dim, patches = vision_geometry(cfg.model.vision)
+        grid = cfg.model.residual.visual_pool_grid(*patch_grid(patches))
+        cells = f"{grid[0]}x{grid[1]} cells"
+        shapes = {
+            "visual_features": (cfg.model.frames, -1, visual_dim),
+            "audio_features": (cfg.model.audio_segments, -1, cfg.model.audio.arch["d_model"]),
+            "frame_times": (cfg.model.frames,),
+            "segment_bounds": (cfg.model.audio_segments, 2),
+        }
+        data = {}
+        for split, (world, features) in worlds.items():
+            records = load_world_records(world, storage).to_pylist()
+            targets = first_shapes(records)
+            rows = read_features(storage, features, feature_hash, set(targets), shapes)
+            videos = sorted(set(targets) & set(rows))
+            data[split] = {"videos": videos, "targets": targets, "rows": rows}
+            print(f"{split}: {len(videos)} videos with a placed first shape", flush=True)
+
+        def labels(split: str, what: str) -> np.ndarray:
+            d = data[split]
+            if what == "quadrant":
+                return np.array([QUADRANTS.index(d["targets"][v]["quadrant"]) for v in d["videos"]])
+            colours = sorted({t["colour"] for s in data.values() for t in s["targets"].values()})
+            return np.array([colours.index(d["targets"][v]["colour"]) for v in d["videos"]])
+
+        def encoder_cells(split: str, view: str) -> np.ndarray:
+            d, out = data[split], []
+            for video in d["videos"]:
+                row = d["rows"][video]
+                cells = pooled_cells(row["visual_features"], grid)  # (T, L', Dv)
+                if view == "all frames":
+                    out.append(cells.reshape(-1))
+                    continue
+                start, end = d["targets"][video]["span"]
+                frame = int(np.argmin(np.abs(row["frame_times"] - (start + end) / 2)))
+                cells = cells[frame]  # (L', Dv)
+                if view == "frame, cells sorted by norm":
+                    cells = cells[np.argsort(-np.linalg.norm(cells, axis=1))]
+                out.append(cells.reshape(-1))
+            return np.stack(out)
+
+        def query_states(split: str, model) -> np.ndarray:
+            d, out = data[split], []
+            for begin in range(0, len(d["videos"]), 32):
+                chunk = [d["rows"][v] for v in d["videos"][begin : begin + 32]]
+                batch = {k: [r[k] for r in chunk] for k in (*TENSOR_COLUMNS, "has_audio")}
+                video = VideoFeatures.from_batch(video_tensors(batch))
+                with torch.no_grad():
+                    out.append(model.pathway.query_states(video).flatten(1).numpy())  # (B, K*D)
+            return np.concatenate(out)
+
+        representations = {
+            f"encoder: first shape's frame, {cells} ({visual_dim} each)": lambda s: encoder_cells(
+                s, "frame"
+            ),
+            "encoder: first shape's frame, cells sorted by norm (grid place lost)": lambda s: (
+                encoder_cells(s, "frame, cells sorted by norm")
+            ),
+            f"encoder: all {cfg.model.frames} frames, {cells}": lambda s: encoder_cells(
+                s, "all frames"
+            ),
+        }
+        torch.manual_seed(cfg.seed)
+        untrained = DamoModel.from_config(cfg.model, pretrained=False, with_llm=False).eval()
+        representations["query states: untrained pathway"] = lambda s: query_states(s, untrained)
+        for stage in ("1", "2", "3", "4"):
+            checkpoint = manifest["stages"][stage]["checkpoint"]
+            model = load_model(checkpoint, storage, with_llm=False)
+            representations[f"query states: after stage {stage}"] = lambda s, m=model: query_states(
+                s, m
+            )
+        results = {}
+        for name, represent in representations.items():
+            train_x, test_x = represent("train"), represent("test")
+            results[name] = {
+                what: round(
+                    probe_accuracy(train_x, labels("train", what), test_x, labels("test", what)), 1
+                )
+                for what in ("quadrant", "colour")
+            }
+            results[name]["dims"] = int(train_x.shape[1])
+            print(f"{name}: {results[name]}", flush=True)
+        test_quadrants = np.bincount(labels("test", "quadrant"), minlength=4)
+        test_colours = np.bincount(labels("test", "colour"))
+        summary = {
+            "run": args.run,
+            "code_version": code_version(),
+            "train_videos": len(data["train"]["videos"]),
+            "test_videos": len(data["test"]["videos"]),
+            "majority": {
+                "quadrant": round(float(100 * test_quadrants.max() / test_quadrants.sum()), 1),
+                "colour": round(float(100 * test_colours.max() / test_colours.sum()), 1),
+            },
+            "probes": results,
+            "total_s": round(time.monotonic() - started, 1),
+        }
+    args.out.write_text(json.dumps(summary, indent=2) + "\n")
+    print(f"majority answer: {summary['majority']}; results in {args.out}")
+
+
+if __name__ == "__main__":
+    main()
