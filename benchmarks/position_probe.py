@@ -34,8 +34,8 @@ import numpy as np
 
 QUADRANTS = ("in the top left.", "in the top right.", "in the bottom left.", "in the bottom right.")
 WHERE = re.compile(r"where is the (\w+) (\w+)\?")
-TENSOR_COLUMNS = ("visual_features", "audio_features", "frame_times", "segment_bounds")
 WHEN = re.compile(r"when does the (\w+) (\w+) appear\?")
+TENSOR_COLUMNS = ("visual_features", "audio_features", "frame_times", "segment_bounds")
 
 
 def first_shapes(records: list[dict]) -> dict[str, dict]:
