@@ -419,3 +419,30 @@ def test_a_storage_error_survives_pickling():
         error.detail,
         str(error),
     )
+
+
+def test_embedded_server_bucket_capacity_is_its_volume_slots_not_free_disk(s3_server, tmp_path):
+    """Every bucket takes a volume slot. weed's default (one slot per GiB free) failed CI's
+    later tests with `InternalError` once a session had made a few dozen buckets."""
+    import json
+    import urllib.request
+
+    from damo.config.schema import EmbeddedS3Config
+    from damo.storage.s3server import EmbeddedS3Server
+
+    master = f"http://127.0.0.1:{s3_server.ports['master.port']}/dir/status"
+    with urllib.request.urlopen(master, timeout=10) as answer:
+        topology = json.load(answer)["Topology"]
+    assert topology["Max"] == EmbeddedS3Config().max_volumes
+
+    server = EmbeddedS3Server(EmbeddedS3Config(max_volumes=3), data_dir=str(tmp_path / "weed"))
+    storage = Storage(server.start().s3_config().model_copy(update={"max_attempts": 1}))
+    try:
+        for bucket in ("s3://slot-a", "s3://slot-b", "s3://slot-c"):
+            storage.ensure_bucket(bucket)
+            storage.write_bytes(f"{bucket}/x", b"x")
+        storage.ensure_bucket("s3://slot-d")
+        with pytest.raises(StorageError):
+            storage.write_bytes("s3://slot-d/x", b"x")
+    finally:
+        server.stop(timeout_s=5)  # with every slot taken, weed ignores SIGTERM for ~20 s

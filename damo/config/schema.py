@@ -78,6 +78,13 @@ class EmbeddedS3Config(Section):
     host: str = "127.0.0.1"
     s3_port: int = Field(default=0, ge=0, le=65535, description="0 picks a free port.")
     startup_timeout_s: float = Field(default=60.0, gt=0)
+    max_volumes: int = Field(
+        default=1000,
+        ge=1,
+        description="Volume slots. Every bucket takes at least one; weed's own default (one per "
+        "GiB free at start) stops writes to new buckets after a few dozen. Slots are sparse files: "
+        "an unused one costs no disk.",
+    )
 
 
 class StorageConfig(Section):
