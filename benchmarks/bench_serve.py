@@ -278,7 +278,8 @@ def main() -> None:
     parser.add_argument("--size", choices=["tiny", "base-llm"], default="tiny")
     parser.add_argument(
         "--set",
-        nargs="*",
+        nargs="+",
+        action="extend",
         default=[],
         metavar="KEY=VALUE",
         help="config overrides for every deployment, e.g. serve.batching.refill_wait_s=0.3",

@@ -241,7 +241,13 @@ def main() -> None:
     parser.add_argument("--steps", type=int, nargs=3, default=(200, 150, 400), help="stages 1-3")
     parser.add_argument("--lr", type=float, nargs=3, default=(3e-4, 1e-4, 1e-3), help="stages 1-3")
     parser.add_argument("--variants", nargs="*", default=list(VARIANTS), choices=list(VARIANTS))
-    parser.add_argument("--set", nargs="*", default=[], help="more dotted config overrides")
+    parser.add_argument(
+        "--set",
+        nargs="+",
+        action="extend",
+        default=[],
+        help="more dotted config overrides (repeat --set or list several after one)",
+    )
     parser.add_argument("--cache", type=Path, default=Path("/tmp/damo-probe"))
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results_collapse_probe.json"))
     args = parser.parse_args()

@@ -280,7 +280,13 @@ def main() -> None:
         type=Path,
         default=Path(os.environ.get("DAMO_BENCH_CACHE", "/tmp/damo-bench")) / "learning-bar",
     )
-    parser.add_argument("--set", nargs="*", default=[], help="more dotted config overrides")
+    parser.add_argument(
+        "--set",
+        nargs="+",
+        action="extend",
+        default=[],
+        help="more dotted config overrides (repeat --set or list several after one)",
+    )
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results_learning_bar.json"))
     parser.add_argument(
         "--combine",
