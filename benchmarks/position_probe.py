@@ -12,8 +12,12 @@ Representations, in the order the model computes them:
 - the same cells sorted by their norm, so their place in the grid is lost (does the content
   alone carry the place? CLIP adds position embeddings before its layers);
 - every frame's pooled cells (everything the pathway reads, not told where to look);
-- the bridge's query states (the soft prompt before the LLM projection) of an untrained pathway
-  and after each stage of a learning-bar run.
+- inside the pathway, for an untrained pathway and after each stage of a learning-bar run: the
+  visual temporal module's cells at the first shape's frame, the Fuseformer's fusion tokens, and
+  the bridge's query states (the soft prompt before the LLM projection).
+
+A run still training is probed at the stages it has finished, through the bar's S3 server if it
+is up (it serves one data dir at a time).
 
 It reads the learning bar's cache (`benchmarks/learning_bar.py` must have run): its embedded
 S3, the two worlds' features and records, and one run's checkpoints.
@@ -24,6 +28,7 @@ S3, the two worlds' features and records, and one run's checkpoints.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import re
@@ -146,11 +151,18 @@ def main() -> None:
     torch.set_num_threads(1)
     started = time.monotonic()
     embedded = load_config("tiny").storage.embedded
-    with EmbeddedS3Server(embedded, data_dir=str(args.cache / "storage")) as state:
+    server = EmbeddedS3Server(embedded, data_dir=str(args.cache / "storage"))
+    running = server.running_state()  # a bar run is using it: share it, leave it up
+    with contextlib.nullcontext(running) if running else server as state:
         storage = Storage(state.s3_config())
         manifest = read_manifest(storage, join(BUCKET, "runs", args.run))
-        if manifest is None or "4" not in manifest["stages"]:
-            raise SystemExit(f"{args.run}: no finished run of that name in {args.cache}")
+        finished = sorted(
+            s for s, e in (manifest or {}).get("stages", {}).items() if "checkpoint" in e
+        )
+        if not finished:
+            raise SystemExit(
+                f"{args.run}: no run of that name with a finished stage in {args.cache}"
+            )
         cfg = DamoConfig.model_validate(manifest["config"])
         feature_hash = feature_config_hash(cfg)
         worlds = {
@@ -201,15 +213,51 @@ def main() -> None:
                 out.append(cells.reshape(-1))
             return np.stack(out)
 
-        def query_states(split: str, model) -> np.ndarray:
-            d, out = data[split], []
-            for begin in range(0, len(d["videos"]), 32):
-                chunk = [d["rows"][v] for v in d["videos"][begin : begin + 32]]
-                batch = {k: [r[k] for r in chunk] for k in (*TENSOR_COLUMNS, "has_audio")}
-                video = VideoFeatures.from_batch(video_tensors(batch))
-                with torch.no_grad():
-                    out.append(model.pathway.query_states(video).flatten(1).numpy())  # (B, K*D)
-            return np.concatenate(out)
+        def pathway_states(split: str, model) -> dict[str, np.ndarray]:
+            """The visual temporal module's cells at the first shape's frame, the fusion
+            tokens and the query states, each flattened per video."""
+            d = data[split]
+            out: dict[str, list] = {"temporal": [], "fusion": [], "query": []}
+            seen: dict[str, torch.Tensor] = {}
+            hooks = [
+                model.pathway.visual_temporal.register_forward_hook(
+                    lambda _m, _i, o: seen.__setitem__("temporal", o[0])  # (B, T', L', D)
+                ),
+                model.pathway.fuseformer.register_forward_hook(
+                    lambda _m, _i, o: seen.__setitem__("fusion", o)  # (B, F, D)
+                ),
+            ]
+            try:
+                for begin in range(0, len(d["videos"]), 32):
+                    names = d["videos"][begin : begin + 32]
+                    chunk = [d["rows"][v] for v in names]
+                    batch = {k: [r[k] for r in chunk] for k in (*TENSOR_COLUMNS, "has_audio")}
+                    video = VideoFeatures.from_batch(video_tensors(batch))
+                    with torch.no_grad():
+                        query = model.pathway.query_states(video)  # (B, K, D)
+                    temporal = seen["temporal"]
+                    frames = torch.tensor(
+                        [
+                            int(
+                                np.argmin(
+                                    np.abs(r["frame_times"] - sum(d["targets"][v]["span"]) / 2)
+                                )
+                            )
+                            for v, r in zip(names, chunk, strict=True)
+                        ]
+                    )
+                    # a strided temporal module keeps fewer steps than frames
+                    steps = (frames * temporal.shape[1] // cfg.model.frames).clamp(
+                        max=temporal.shape[1] - 1
+                    )
+                    at_frame = temporal[torch.arange(len(names)), steps]  # (B, L', D)
+                    out["temporal"].append(at_frame.flatten(1).numpy())
+                    out["fusion"].append(seen["fusion"].flatten(1).numpy())
+                    out["query"].append(query.flatten(1).numpy())
+            finally:
+                for hook in hooks:
+                    hook.remove()
+            return {k: np.concatenate(v) for k, v in out.items()}
 
         representations = {
             f"encoder: first shape's frame, {cells} ({visual_dim} each)": lambda s: encoder_cells(
@@ -223,14 +271,28 @@ def main() -> None:
             ),
         }
         torch.manual_seed(cfg.seed)
-        untrained = DamoModel.from_config(cfg.model, pretrained=False, with_llm=False).eval()
-        representations["query states: untrained pathway"] = lambda s: query_states(s, untrained)
-        for stage in ("1", "2", "3", "4"):
+        models = {
+            "untrained pathway": DamoModel.from_config(
+                cfg.model, pretrained=False, with_llm=False
+            ).eval()
+        }
+        for stage in finished:
             checkpoint = manifest["stages"][stage]["checkpoint"]
-            model = load_model(checkpoint, storage, with_llm=False)
-            representations[f"query states: after stage {stage}"] = lambda s, m=model: query_states(
-                s, m
-            )
+            models[f"after stage {stage}"] = load_model(checkpoint, storage, with_llm=False)
+        states: dict[tuple[str, str], dict[str, np.ndarray]] = {}
+
+        def pathway(split: str, when: str, which: str) -> np.ndarray:
+            if (split, when) not in states:
+                states[split, when] = pathway_states(split, models[when])
+            return states[split, when][which]
+
+        for label, which in (
+            ("temporal cells at the first shape's frame", "temporal"),
+            ("fusion tokens", "fusion"),
+            ("query states", "query"),
+        ):
+            for when in models:
+                representations[f"{label}: {when}"] = lambda s, w=when, k=which: pathway(s, w, k)
         results = {}
         for name, represent in representations.items():
             train_x, test_x = represent("train"), represent("test")
