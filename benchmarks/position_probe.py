@@ -85,6 +85,12 @@ def read_features(
     return rows
 
 
+def shape_frame(row: dict, target: dict) -> int:
+    """The frame nearest the middle of the first shape's span."""
+    start, end = target["span"]
+    return int(np.argmin(np.abs(row["frame_times"] - (start + end) / 2)))
+
+
 def pooled_cells(visual: np.ndarray, grid: tuple[int, int]) -> np.ndarray:
     """(T, 1+P, Dv) encoder output -> (T, rows x cols, Dv): the patches normalised and
     average-pooled in 2-D as the model's residual pools them (before its learned layers)."""
@@ -205,9 +211,7 @@ def main() -> None:
                 if view == "all frames":
                     out.append(cells.reshape(-1))
                     continue
-                start, end = d["targets"][video]["span"]
-                frame = int(np.argmin(np.abs(row["frame_times"] - (start + end) / 2)))
-                cells = cells[frame]  # (L', Dv)
+                cells = cells[shape_frame(row, d["targets"][video])]  # (L', Dv)
                 if view == "frame, cells sorted by norm":
                     cells = cells[np.argsort(-np.linalg.norm(cells, axis=1))]
                 out.append(cells.reshape(-1))
@@ -237,14 +241,7 @@ def main() -> None:
                         query = model.pathway.query_states(video)  # (B, K, D)
                     temporal = seen["temporal"]
                     frames = torch.tensor(
-                        [
-                            int(
-                                np.argmin(
-                                    np.abs(r["frame_times"] - sum(d["targets"][v]["span"]) / 2)
-                                )
-                            )
-                            for v, r in zip(names, chunk, strict=True)
-                        ]
+                        [shape_frame(r, d["targets"][v]) for v, r in zip(names, chunk, strict=True)]
                     )
                     # a strided temporal module keeps fewer steps than frames
                     steps = (frames * temporal.shape[1] // cfg.model.frames).clamp(
