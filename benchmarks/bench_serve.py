@@ -29,6 +29,7 @@ from pathlib import Path
 
 import requests
 from bench_extract import CACHE, SIZES, prepare
+from learning_bar import add_overrides_option
 
 QUESTION = "when is a high tone heard?"
 
@@ -276,13 +277,10 @@ def main() -> None:
         "--in-process-only", action="store_true", help="Only generate(16) vs generate(1)."
     )
     parser.add_argument("--size", choices=["tiny", "base-llm"], default="tiny")
-    parser.add_argument(
-        "--set",
-        nargs="+",
-        action="extend",
-        default=[],
-        metavar="KEY=VALUE",
+    add_overrides_option(
+        parser,
         help="config overrides for every deployment, e.g. serve.batching.refill_wait_s=0.3",
+        metavar="KEY=VALUE",
     )
     parser.add_argument("--out", default="benchmarks/results_serve.json")
     args = parser.parse_args()

@@ -25,6 +25,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+from learning_bar import add_overrides_option
 
 # What each variant trains in stages 2 and 3, and the learning-rate scale of the pathway
 # components (fuseformer, bridge) against the stage's lr; `anchor` adds the stage-1 alignment
@@ -241,13 +242,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, nargs=3, default=(200, 150, 400), help="stages 1-3")
     parser.add_argument("--lr", type=float, nargs=3, default=(3e-4, 1e-4, 1e-3), help="stages 1-3")
     parser.add_argument("--variants", nargs="*", default=list(VARIANTS), choices=list(VARIANTS))
-    parser.add_argument(
-        "--set",
-        nargs="+",
-        action="extend",
-        default=[],
-        help="more dotted config overrides (repeat --set or list several after one)",
-    )
+    add_overrides_option(parser)
     parser.add_argument("--cache", type=Path, default=Path("/tmp/damo-probe"))
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results_collapse_probe.json"))
     args = parser.parse_args()

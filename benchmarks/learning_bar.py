@@ -266,6 +266,23 @@ def report(results: dict, out: Path) -> None:
     console.print(f"total {results['total_s']:.0f}s; results in {out}")
 
 
+def add_overrides_option(
+    parser: argparse.ArgumentParser,
+    help: str = "more dotted config overrides",
+    metavar: str | None = None,
+) -> None:
+    """`--set A=1 B=2 --set C=3`: a repeated --set adds to the earlier ones (with
+    `nargs="*"` alone the last one silently won)."""
+    parser.add_argument(
+        "--set",
+        nargs="+",
+        action="extend",
+        default=[],
+        metavar=metavar,
+        help=f"{help} (repeat --set or list several after one)",
+    )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--clips", type=int, default=600, help="training world size")
@@ -280,13 +297,7 @@ def main() -> None:
         type=Path,
         default=Path(os.environ.get("DAMO_BENCH_CACHE", "/tmp/damo-bench")) / "learning-bar",
     )
-    parser.add_argument(
-        "--set",
-        nargs="+",
-        action="extend",
-        default=[],
-        help="more dotted config overrides (repeat --set or list several after one)",
-    )
+    add_overrides_option(parser)
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results_learning_bar.json"))
     parser.add_argument(
         "--combine",
