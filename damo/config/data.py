@@ -115,6 +115,11 @@ class SyntheticConfig(Section):
     height: int = Field(default=96, ge=16)
     fps: int = Field(default=8, ge=1, le=60)
     sample_rate: int = Field(default=16000, ge=8000)
+    caption_places: bool = Field(
+        default=False,
+        description='Captions say where each shape is ("a red square appears in the top left '
+        'from ..."), so that stage 1 and its anchor have the place to learn from.',
+    )
 
 
 class DataConfig(Section):

@@ -244,6 +244,12 @@ class TemporalConfig(Section):
     time_scale: float = Field(
         default=10000.0, gt=0, description="Max period of the sinusoidal timestamp embedding."
     )
+    slot_embedding: bool = Field(
+        default=False,
+        description="A learned embedding per token slot of a frame (pooled cell) or an audio "
+        "segment (sub-window): attention has no order of its own, so without it only a cell's "
+        "content says which cell it is.",
+    )
 
 
 class FuseformerConfig(Section):
@@ -280,6 +286,12 @@ class HeadsConfig(Section):
     vtc_weight: float = Field(default=1.0, ge=0)
     vtm_weight: float = Field(default=1.0, ge=0)
     vtg_weight: float = Field(default=1.0, ge=0)
+    place_negatives: bool = Field(
+        default=False,
+        description="VTC and VTM also see each caption with its places made wrong "
+        "(damo.data.synthetic.place_negative) as a negative, so that matching needs the place; "
+        "captions that name no place get none.",
+    )
 
 
 class StageConfig(Section):

@@ -19,7 +19,9 @@ from __future__ import annotations
 import json
 import multiprocessing
 import os
+import re
 import time
+import zlib
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass, field
 
@@ -102,16 +104,17 @@ class Event:
             return f"the {self.colour} {self.shape}"
         return f"the {self.sound}"
 
-    def describe(self) -> str:
-        """A clause without timestamps: "a red square appears with a low tone"."""
-        if self.kind == "visual":
-            return f"a {self.colour} {self.shape} appears"
+    def describe(self, place: bool = False) -> str:
+        """A clause without timestamps: "a red square appears with a low tone"; with `place`,
+        "a red square appears in the top left with a low tone"."""
         if self.kind == "audio":
             return f"a {self.sound} is heard"
-        return f"a {self.colour} {self.shape} appears with a {self.sound}"
+        where = f" in the {self.position}" if place else ""
+        sound = f" with a {self.sound}" if self.kind == "both" else ""
+        return f"a {self.colour} {self.shape} appears{where}{sound}"
 
-    def describe_timed(self) -> str:
-        return f"{self.describe()} {fmt_span(self.start, self.end)}"
+    def describe_timed(self, place: bool = False) -> str:
+        return f"{self.describe(place)} {fmt_span(self.start, self.end)}"
 
 
 @dataclass(frozen=True)
@@ -215,8 +218,35 @@ def _annotation(
     }
 
 
-def _caption(spec: ClipSpec) -> str:
-    return " ".join(f"{e.describe_timed()}." for e in spec.events)
+def _caption(spec: ClipSpec, places: bool = False) -> str:
+    return " ".join(f"{e.describe_timed(places)}." for e in spec.events)
+
+
+_PLACE_PHRASE = re.compile(r" in the (" + "|".join(POSITIONS) + r")\b")
+
+
+def place_negative(caption: str) -> str | None:
+    """The caption with its places made wrong, or None when it names no place.
+
+    Two or more places: the first two are swapped (the shapes stay, their places trade). One
+    place: it moves to another quadrant, chosen from the caption's checksum, so the same
+    caption always gets the same negative. Everything else (colours, shapes, sounds, times) is
+    kept, so only the place tells the caption from its negative.
+    """
+    found = list(_PLACE_PHRASE.finditer(caption))
+    if not found:
+        return None
+    places = [m.group(1) for m in found]
+    if len(found) >= 2:
+        places[0], places[1] = places[1], places[0]
+    else:
+        others = [p for p in POSITIONS if p != places[0]]
+        places[0] = others[zlib.crc32(caption.encode()) % len(others)]
+    pieces, last = [], 0
+    for match, place in zip(found, places, strict=True):
+        pieces += [caption[last : match.start(1)], place]
+        last = match.end(1)
+    return "".join(pieces) + caption[last:]
 
 
 def _after(spec: ClipSpec, event: Event) -> Event | None:
@@ -231,15 +261,15 @@ def _before(spec: ClipSpec, event: Event) -> Event | None:
     return max(earlier, key=lambda e: (e.end, e.start)) if earlier else None
 
 
-def annotations(spec: ClipSpec) -> list[dict]:
+def annotations(spec: ClipSpec, caption_places: bool = False) -> list[dict]:
     """All annotation records of one clip, for the four training stages.
 
     Tasks: "caption" (stage 1), "qa" (stage 2), "grounding" and "temporal_qa" (stage 3),
-    "dialogue" (stage 4). Spans are [start, end] in seconds.
+    "dialogue" (stage 4). Spans are [start, end] in seconds. With `caption_places` the caption
+    says where each shape is.
     """
-    out = [
-        _annotation(spec, "caption", 0, "", _caption(spec), [(e.start, e.end) for e in spec.events])
-    ]
+    spans = [(e.start, e.end) for e in spec.events]
+    out = [_annotation(spec, "caption", 0, "", _caption(spec, caption_places), spans)]
 
     qa: list[tuple[str, str, list, str]] = []  # question, answer, spans, question type
     for e in spec.events:
@@ -386,7 +416,7 @@ def text_corpus(num_clips: int, seed: int, settings: SyntheticConfig | None = No
     )
     texts: list[str] = []
     for index in range(num_clips):
-        for record in annotations(_sample(settings, index)):
+        for record in annotations(_sample(settings, index), settings.caption_places):
             texts.extend(annotation_texts(record))
     return texts
 
@@ -493,12 +523,12 @@ def _render_one(job: tuple[str, S3Config, SyntheticConfig, int, bool]) -> bool:
     return True
 
 
-def world_records(root: str, specs: list[ClipSpec]) -> list[dict]:
+def world_records(root: str, specs: list[ClipSpec], caption_places: bool = False) -> list[dict]:
     """Every annotation of the world as unified records (damo.data.records)."""
     out = []
     for spec in specs:
         uri = video_uri(root, spec.clip_id)
-        for annotation in annotations(spec):
+        for annotation in annotations(spec, caption_places):
             extra = {"clip": spec.index, **annotation.pop("extra")}
             out.append(make_record(**annotation, video_uri=uri, source="synthetic", extra=extra))
     return out
@@ -539,7 +569,7 @@ def generate_world(
                 bar.update()
     bar.close()
 
-    records = world_records(root, specs)
+    records = world_records(root, specs, settings.caption_places)
     counts = {}
     for split in ("train", "val", "test"):
         rows = [r for r in records if r["split"] == split]

@@ -286,11 +286,15 @@ def video_tensors(batch: dict[str, np.ndarray]) -> dict:
 class StageCollator:
     """numpy batch -> DamoModel batch for one objective ("alignment" or "lm").
 
-    alignment: captions through the text encoder's tokenizer (`tokenize_text`);
+    alignment: captions through the text encoder's tokenizer (`tokenize_text`), and with
+    `negative_caption` (caption -> its hard negative, or None) each caption's negative as
+    `negative_text_*`, with `has_negative`;
     lm: conversations through the LLM's chat template (`prompt_builder`), answers as labels.
     """
 
-    def __init__(self, objective: str, prompt_builder=None, tokenize_text=None):
+    def __init__(
+        self, objective: str, prompt_builder=None, tokenize_text=None, negative_caption=None
+    ):
         if objective == "alignment" and tokenize_text is None:
             raise ValueError("the alignment objective needs tokenize_text")
         if objective == "lm" and prompt_builder is None:
@@ -298,11 +302,24 @@ class StageCollator:
         self.objective = objective
         self.prompt_builder = prompt_builder
         self.tokenize_text = tokenize_text
+        self.negative_caption = negative_caption
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict:
         out = video_tensors(batch)
         if self.objective == "alignment":
-            out.update(self.tokenize_text([str(c) for c in batch["caption"]]))
+            captions = [str(c) for c in batch["caption"]]
+            out.update(self.tokenize_text(captions))
+            if self.negative_caption is not None:
+                negatives = [self.negative_caption(c) for c in captions]
+                # a caption without a negative stands in for it, masked out by has_negative
+                tokens = self.tokenize_text(
+                    [n if n is not None else c for n, c in zip(negatives, captions, strict=True)]
+                )
+                out["negative_text_input_ids"] = tokens["text_input_ids"]
+                out["negative_text_attention_mask"] = tokens["text_attention_mask"]
+                out["has_negative"] = (
+                    out["text_input_ids"].new_tensor([n is not None for n in negatives]).bool()
+                )
         else:
             conversations = [json.loads(str(c)) for c in batch["conversation"]]
             out.update(self.prompt_builder(conversations))

@@ -253,7 +253,10 @@ class DamoModel(nn.Module):
         video = self.training_video(batch)
         if self.cfg.stages.get(stage).objective == "alignment":
             return self.alignment_losses(
-                video, batch["text_input_ids"], batch["text_attention_mask"]
+                video,
+                batch["text_input_ids"],
+                batch["text_attention_mask"],
+                negatives=negative_captions(batch),
             )
         loss = self.lm_loss(video, batch["input_ids"], batch["attention_mask"], batch["labels"])
         losses = {"lm": loss, "loss": loss}
@@ -263,6 +266,7 @@ class DamoModel(nn.Module):
                 anchor["text_input_ids"],
                 anchor["text_attention_mask"],
                 anchor_losses,
+                negatives=negative_captions(anchor),
             )["loss"]
         return losses
 
@@ -313,22 +317,33 @@ class DamoModel(nn.Module):
         text_input_ids: Tensor,
         text_attention_mask: Tensor,
         which: Sequence[str] = ALIGNMENT_LOSSES,
+        negatives: tuple[Tensor, Tensor, Tensor] | None = None,
     ) -> dict[str, Tensor]:
         """Stage 1: VTC + VTM (hard negatives from the VTC similarities) + VTG, or the terms
-        in `which`; `loss` weighs them by `model.heads`."""
+        in `which`; `loss` weighs them by `model.heads`. `negatives` (input ids (B, S'),
+        attention mask (B, S'), has_one (B,)): each caption's own hard negative, which VTC
+        and VTM must tell from it (`model.heads.place_negatives`)."""
         weights = self.cfg.heads
         query_states = self.pathway.query_states(video)  # (B, K, D)
         losses = {}
+        own_negatives = own_sims = None
         if "vtc" in which or "vtm" in which:
             text_states = self.text_states(text_input_ids, text_attention_mask)  # (B, S, Dt)
             video_emb = self.heads.vtc.embed_video(query_states)  # (B, E)
             text_emb = self.heads.vtc.embed_text(text_states, text_attention_mask)  # (B, E)
             sims = self.heads.vtc.similarities(video_emb, text_emb)  # (B, B)
+            if negatives is not None:
+                ids, mask, has_one = negatives
+                states = self.text_states(ids, mask)  # (B, S', Dt)
+                own_negatives = (states, mask, has_one)
+                negative_emb = self.heads.vtc.embed_text(states, mask)  # (B, E)
+                own_sims = (video_emb * negative_emb).sum(dim=1) * self.heads.vtc.scale()  # (B,)
+                own_sims = own_sims.masked_fill(~has_one, float("-inf"))
         if "vtc" in which:
-            losses["vtc"] = self.heads.vtc.loss(sims)
+            losses["vtc"] = self.heads.vtc.loss(sims, own_sims)
         if "vtm" in which:
             losses["vtm"] = self.heads.vtm.loss(
-                query_states, text_states, text_attention_mask, sims.detach()
+                query_states, text_states, text_attention_mask, sims.detach(), own_negatives
             )
         if "vtg" in which:
             losses["vtg"] = self.heads.vtg.loss(query_states, text_input_ids, text_attention_mask)
@@ -465,6 +480,18 @@ class DamoModel(nn.Module):
             suppress_tokens=[self.video_token_id],
             **generate_kwargs,
         )  # (B, new tokens): with inputs_embeds only the continuation comes back
+
+
+def negative_captions(batch: dict[str, Tensor]) -> tuple[Tensor, Tensor, Tensor] | None:
+    """A caption batch's own hard negatives (StageCollator's `negative_*` fields), if it has
+    them."""
+    if "negative_text_input_ids" not in batch:
+        return None
+    return (
+        batch["negative_text_input_ids"],
+        batch["negative_text_attention_mask"],
+        batch["has_negative"].bool(),
+    )
 
 
 def grow_vocabulary(llm: nn.Module, size: int) -> None:

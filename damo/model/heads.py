@@ -37,13 +37,20 @@ class ContrastiveHead(nn.Module):
     def embed_text(self, text_states: Tensor, text_mask: Tensor) -> Tensor:
         return F.normalize(self.text_proj(mean_pool(text_states, text_mask)), dim=-1)  # (B, E)
 
-    def similarities(self, video_emb: Tensor, text_emb: Tensor) -> Tensor:
-        scale = self.log_scale.clamp(max=math.log(100.0)).exp()  # CLIP caps 1/temperature at 100
-        return scale * video_emb @ text_emb.T  # (Bv, Bt)
+    def scale(self) -> Tensor:
+        return self.log_scale.clamp(max=math.log(100.0)).exp()  # CLIP caps 1/temperature at 100
 
-    def loss(self, sims: Tensor) -> Tensor:
+    def similarities(self, video_emb: Tensor, text_emb: Tensor) -> Tensor:
+        return self.scale() * video_emb @ text_emb.T  # (Bv, Bt)
+
+    def loss(self, sims: Tensor, negative_sims: Tensor | None = None) -> Tensor:
+        """InfoNCE both ways; `negative_sims` (B,), each video's similarity to its own hard
+        negative caption (-inf where it has none), join that video's video-to-text softmax."""
         targets = torch.arange(sims.shape[0], device=sims.device)
-        return (F.cross_entropy(sims, targets) + F.cross_entropy(sims.T, targets)) / 2
+        video_to_text = sims  # (B, B)
+        if negative_sims is not None:
+            video_to_text = torch.cat([sims, negative_sims[:, None]], dim=1)  # (B, B+1)
+        return (F.cross_entropy(video_to_text, targets) + F.cross_entropy(sims.T, targets)) / 2
 
 
 class MatchingHead(nn.Module):
@@ -64,27 +71,48 @@ class MatchingHead(nn.Module):
         return self.classifier(x[:, 0])  # the first ([CLS]) token decides
 
     def loss(
-        self, query_states: Tensor, text_states: Tensor, text_mask: Tensor, sims: Tensor
+        self,
+        query_states: Tensor,
+        text_states: Tensor,
+        text_mask: Tensor,
+        sims: Tensor,
+        negatives: tuple[Tensor, Tensor, Tensor] | None = None,
     ) -> Tensor:
         """Positives plus one hard negative text per video and one hard negative video per text.
 
         Negatives are sampled in proportion to softmax(VTC similarity), the diagonal (the true
-        pair) excluded, as in ALBEF/BLIP: similar-but-wrong pairs teach the most. A batch of one
-        has no negatives, so the loss is zero there.
+        pair) excluded, as in ALBEF/BLIP: similar-but-wrong pairs teach the most. `negatives`
+        (states (B, S', Dt), mask (B, S'), has_one (B,)) adds each video paired with its own
+        negative caption, where it has one, as a non-match. A batch of one has no in-batch
+        negatives, so without `negatives` the loss is zero there.
         """
         batch = sims.shape[0]
-        if batch < 2:
+        own = negatives is not None and bool(negatives[2].any())
+        if batch < 2 and not own:
             return query_states.sum() * 0.0
-        with torch.no_grad():
-            diagonal = torch.eye(batch, dtype=torch.bool, device=sims.device)
-            masked = sims.float().masked_fill(diagonal, float("-inf"))
-            negative_text = torch.multinomial(masked.softmax(dim=1), 1).squeeze(1)  # (B,)
-            negative_video = torch.multinomial(masked.T.softmax(dim=1), 1).squeeze(1)  # (B,)
-        videos = torch.cat([query_states, query_states, query_states[negative_video]])  # (3B,K,D)
-        texts = torch.cat([text_states, text_states[negative_text], text_states])  # (3B, S, Dt)
-        masks = torch.cat([text_mask, text_mask[negative_text], text_mask])  # (3B, S)
-        labels = torch.cat([torch.ones(batch), torch.zeros(2 * batch)]).long().to(sims.device)
-        return F.cross_entropy(self.logits(videos, texts, masks), labels)
+        videos, texts, masks = [query_states], [text_states], [text_mask]  # the true pairs
+        labels = [torch.ones(batch)]
+        if batch >= 2:
+            with torch.no_grad():
+                diagonal = torch.eye(batch, dtype=torch.bool, device=sims.device)
+                masked = sims.float().masked_fill(diagonal, float("-inf"))
+                negative_text = torch.multinomial(masked.softmax(dim=1), 1).squeeze(1)  # (B,)
+                negative_video = torch.multinomial(masked.T.softmax(dim=1), 1).squeeze(1)  # (B,)
+            videos += [query_states, query_states[negative_video]]
+            texts += [text_states[negative_text], text_states]
+            masks += [text_mask[negative_text], text_mask]
+            labels.append(torch.zeros(2 * batch))
+        if own:
+            states, mask, has_one = negatives
+            videos.append(query_states[has_one])
+            texts.append(states[has_one])
+            masks.append(mask[has_one])
+            labels.append(torch.zeros(int(has_one.sum())))
+        length = max(t.shape[1] for t in texts)  # captions and negatives pad apart
+        texts = [F.pad(t, (0, 0, 0, length - t.shape[1])) for t in texts]  # (N, S, Dt) each
+        masks = [F.pad(m, (0, length - m.shape[1])) for m in masks]
+        logits = self.logits(torch.cat(videos), torch.cat(texts), torch.cat(masks))  # (N, 2)
+        return F.cross_entropy(logits, torch.cat(labels).long().to(sims.device))
 
 
 class CaptioningHead(nn.Module):

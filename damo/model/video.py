@@ -154,11 +154,14 @@ class TemporalPathway(nn.Module):
     """Grouped conv along time (optional) + learnable positions + sinusoidal timestamps.
 
     The convolution runs over time independently for each of the L' token slots, mixing
-    neighbouring frames; with stride s it keeps every s-th frame's time and mask.
+    neighbouring frames; with stride s it keeps every s-th frame's time and mask. With
+    `cfg.slot_embedding` each of the `slots` token slots gets a learned embedding too: the
+    pathway flattens a frame's slots into one sequence, and attention has no order of its own.
     """
 
-    def __init__(self, dim: int, cfg: TemporalConfig, convolve: bool):
+    def __init__(self, dim: int, cfg: TemporalConfig, convolve: bool, slots: int = 1):
         super().__init__()
+        self.slot = nn.Embedding(slots, dim) if cfg.slot_embedding else None
         if convolve and cfg.kernel % 2 == 0:
             raise ValueError(f"temporal kernel must be odd, got {cfg.kernel}")
         self.time_scale = cfg.time_scale
@@ -184,6 +187,8 @@ class TemporalPathway(nn.Module):
         positions = self.position(torch.arange(x.shape[1], device=x.device))  # (T', D)
         clock = sinusoidal_embedding(times, dim, self.time_scale).to(x.dtype)  # (B, T', D)
         x = x + positions[None, :, None, :] + clock[:, :, None, :]  # (B, T', L', D)
+        if self.slot is not None:
+            x = x + self.slot.weight[None, None]  # (L', D), the same in every frame
         return x, times, mask
 
 
@@ -322,14 +327,15 @@ class VideoPathway(nn.Module):
         if width % temporal.groups:
             raise ValueError(f"temporal groups {temporal.groups} must divide width {width}")
         grid = patch_grid(visual_patches)
+        pooled_grid = residual.visual_pool_grid(*grid)
+        audio_slots = max(1, audio_tokens // residual.audio_compression)
         self.visual_residual = GlobalResidual(
-            visual_dim, width, residual.visual_pool_grid(*grid), residual.ffn_mult, grid=grid
+            visual_dim, width, pooled_grid, residual.ffn_mult, grid=grid
         )
-        self.audio_residual = GlobalResidual(
-            audio_dim, width, max(1, audio_tokens // residual.audio_compression), residual.ffn_mult
-        )
-        self.visual_temporal = TemporalPathway(width, temporal, convolve=True)
-        self.audio_temporal = TemporalPathway(width, temporal, convolve=False)
+        self.audio_residual = GlobalResidual(audio_dim, width, audio_slots, residual.ffn_mult)
+        visual_slots = pooled_grid[0] * pooled_grid[1]
+        self.visual_temporal = TemporalPathway(width, temporal, convolve=True, slots=visual_slots)
+        self.audio_temporal = TemporalPathway(width, temporal, convolve=False, slots=audio_slots)
         self.fuseformer = TFuseformer(fuseformer)
         self.bridge = Bridge(width, llm_dim, bridge, fuseformer.ffn_mult)
 

@@ -30,6 +30,7 @@ from pathlib import Path
 import torch
 
 from damo.config import DamoConfig
+from damo.data.synthetic import place_negative
 from damo.data.training import StageCollator, video_tensors
 from damo.eval.metrics import grounding_metrics
 from damo.eval.parse import parse_span
@@ -299,10 +300,15 @@ def train_loop_per_worker(config: dict) -> None:
     ddp = ray.train.torch.prepare_model(
         model, move_to_device=False, parallel_strategy_kwargs={"find_unused_parameters": True}
     )
-    collate = StageCollator(spec.objective, model.prompt_builder, model.tokenize_text)
+    negative_caption = place_negative if cfg.model.heads.place_negatives else None
+    collate = StageCollator(
+        spec.objective, model.prompt_builder, model.tokenize_text, negative_caption
+    )
     anchor = None
     if spec.anchored:
-        anchor_collate = StageCollator("alignment", tokenize_text=model.tokenize_text)
+        anchor_collate = StageCollator(
+            "alignment", tokenize_text=model.tokenize_text, negative_caption=negative_caption
+        )
         anchor = anchor_batches(
             ray.train.get_dataset_shard(ANCHOR_DATASET),
             config["anchor_batch_size"],  # the config's, or fewer on a small split
