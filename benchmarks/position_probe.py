@@ -28,7 +28,6 @@ S3, the two worlds' features and records, and one run's checkpoints.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import os
 import re
@@ -158,8 +157,7 @@ def main() -> None:
     started = time.monotonic()
     embedded = load_config("tiny").storage.embedded
     server = EmbeddedS3Server(embedded, data_dir=str(args.cache / "storage"))
-    running = server.running_state()  # a bar run is using it: share it, leave it up
-    with contextlib.nullcontext(running) if running else server as state:
+    with server.shared() as state:  # a bar run may be using it: then it stays up
         storage = Storage(state.s3_config())
         manifest = read_manifest(storage, join(BUCKET, "runs", args.run))
         finished = sorted(

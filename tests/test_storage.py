@@ -446,3 +446,18 @@ def test_embedded_server_bucket_capacity_is_its_volume_slots_not_free_disk(s3_se
             storage.write_bytes("s3://slot-d/x", b"x")
     finally:
         server.stop(timeout_s=5)  # with every slot taken, weed ignores SIGTERM for ~20 s
+
+
+def test_a_shared_embedded_server_is_stopped_only_by_whoever_started_it(s3_server, tmp_path):
+    from damo.storage.s3server import EmbeddedS3Server, pid_alive
+
+    with EmbeddedS3Server(data_dir=s3_server.data_dir).shared() as state:
+        assert (state.pid, state.endpoint_url) == (s3_server.pid, s3_server.endpoint_url)
+    assert pid_alive(s3_server.pid)  # the session's server is still up
+    Storage(s3_server.s3_config()).ensure_bucket("s3://after-sharing")
+
+    server = EmbeddedS3Server(data_dir=str(tmp_path / "weed"))
+    with server.shared() as state:  # none runs there: this one starts it, and stops it
+        assert pid_alive(state.pid)
+        Storage(state.s3_config()).ensure_bucket("s3://while-shared")
+    assert not pid_alive(state.pid) and server.running_state() is None

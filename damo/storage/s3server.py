@@ -16,6 +16,7 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -291,6 +292,18 @@ class EmbeddedS3Server:
     def _reap(self) -> None:
         if self._process is not None:
             self._process.poll()
+
+    @contextlib.contextmanager
+    def shared(self) -> Iterator[ServerState]:
+        """The server of this data dir for a `with` block: the one already running, left up
+        afterwards, or a new one, stopped afterwards (a benchmark reading the cache of a
+        learning-bar run that may still be going)."""
+        running = self.running_state()
+        if running is not None:
+            yield running
+            return
+        with self as state:
+            yield state
 
     def __enter__(self) -> ServerState:
         return self.start()
