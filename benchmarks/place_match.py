@@ -86,6 +86,9 @@ def main() -> None:
         }
         data = {}
         for split, (world, features) in worlds.items():
+            if not storage.exists(join(world, "clips.jsonl")):  # a bar run makes it after training
+                print(f"{split}: no world at {world} yet, skipped", flush=True)
+                continue
             specs = {
                 video_uri(world, spec.clip_id): spec
                 for spec in load_world_clips(world, storage)
