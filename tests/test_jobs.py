@@ -13,9 +13,11 @@ conftest runs this module last.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
+import socket
 import subprocess
 import sys
 import tempfile
@@ -73,6 +75,13 @@ def head(s3_server):
         "pipeline.clips=12",
     ]
     config_args = ["--config", "tiny", *(f"--set={o}" for o in overrides)]
+    # Ray's default agent port held, as another Ray cluster on the machine holds it: a head
+    # on that port has no job agent, and refuses every job ("No available agent to submit
+    # job"), which is how this test once failed beside a benchmark's Ray cluster
+    agent_port_holder = socket.socket()
+    with contextlib.suppress(OSError):  # already held by someone: the same situation
+        agent_port_holder.bind(("0.0.0.0", 52365))
+        agent_port_holder.listen()
     up = run(
         [
             str(BIN / "damo"),
@@ -91,6 +100,7 @@ def head(s3_server):
     try:
         yield env, config_args
     finally:
+        agent_port_holder.close()
         down = run([str(BIN / "damo"), "cluster", "down"], env, timeout=240)
         assert down.returncode == 0, down.stdout + down.stderr
         leftover = subprocess.run(["pgrep", "-f", f"{ray_tmp}"], capture_output=True, text=True)

@@ -25,6 +25,15 @@ def cluster_up(
     overrides: Overrides = None,
     port: Annotated[int, typer.Option(min=1, max=65535, help="The GCS port.")] = 6379,
     dashboard_port: DashboardPort = 8265,
+    agent_port: Annotated[
+        int,
+        typer.Option(
+            min=0,
+            max=65535,
+            help="The dashboard agent's port, which runs the jobs (0: a free one; Ray's own "
+            "default, 52365, is taken when another Ray cluster runs here).",
+        ),
+    ] = 0,
     storage_dir: Annotated[
         Path | None,
         typer.Option(help="The embedded S3 server's data dir (default storage.embedded)."),
@@ -34,12 +43,14 @@ def cluster_up(
     this package, with the embedded S3 server's endpoint and credentials when it runs."""
     from damo.cluster import HeadPorts, head_is_up, start_head
 
-    ports = HeadPorts(gcs=port, dashboard=dashboard_port)
+    ports = HeadPorts(gcs=port, dashboard=dashboard_port, agent=agent_port)
     if head_is_up(ports):
         console.print(f"a Ray head already answers at {ports.dashboard_url}")
         raise typer.Exit(code=0)
     storage = start_head(load_config(config, overrides or []), ports, storage_dir)
-    console.print(f"Ray head started; dashboard and job API at {ports.dashboard_url}")
+    console.print(
+        f"Ray head started, ready for jobs; dashboard and job API at {ports.dashboard_url}"
+    )
     console.print(f"storage settings for jobs: {escape(storage)}", highlight=False)
     console.print(f"submit jobs with:\n  export RAY_ADDRESS={ports.dashboard_url}")
     console.print("  ray job submit --working-dir . -- python jobs/pipeline.py --help")
