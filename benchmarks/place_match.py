@@ -18,68 +18,32 @@ server, which it shares if a bar run is using it.
 
 from __future__ import annotations
 
-import argparse
 import json
-import os
 import time
-from pathlib import Path
 
-from position_probe import TENSOR_COLUMNS, read_features
+from position_probe import TENSOR_COLUMNS, bar_run, feature_shapes, read_features, run_arguments
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--run", required=True, help="a learning-bar run id (its checkpoints)")
-    parser.add_argument(
-        "--cache",
-        type=Path,
-        default=Path(os.environ.get("DAMO_BENCH_CACHE", "/tmp/damo-bench")) / "learning-bar",
-    )
-    parser.add_argument("--test-world", default="heldout-1-200", help="the held-out world's name")
-    parser.add_argument("--out", type=Path, default=Path("benchmarks/results_place_match.json"))
-    args = parser.parse_args()
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    args = run_arguments(__doc__.splitlines()[0], "benchmarks/results_place_match.json")
 
     import torch
     from tqdm import tqdm
 
-    from damo.config import DamoConfig, load_config
     from damo.data.extract import feature_config_hash
     from damo.data.synthetic import _caption, load_world_clips, place_negative, video_uri
     from damo.data.training import video_tensors
     from damo.demo import BUCKET
     from damo.eval.batch import load_model
-    from damo.model.backbones import vision_geometry
     from damo.model.damo import DamoModel
     from damo.model.video import VideoFeatures
-    from damo.storage import Storage, join
-    from damo.storage.s3server import EmbeddedS3Server
-    from damo.train.pipeline import read_manifest
+    from damo.storage import join
     from damo.version import code_version
 
     torch.set_num_threads(1)
     started = time.monotonic()
-    server = EmbeddedS3Server(
-        load_config("tiny").storage.embedded, data_dir=str(args.cache / "storage")
-    )
-    with server.shared() as state:
-        storage = Storage(state.s3_config())
-        manifest = read_manifest(storage, join(BUCKET, "runs", args.run))
-        finished = sorted(
-            s for s, e in (manifest or {}).get("stages", {}).items() if "checkpoint" in e
-        )
-        if not finished:
-            raise SystemExit(
-                f"{args.run}: no run of that name with a finished stage in {args.cache}"
-            )
-        cfg = DamoConfig.model_validate(manifest["config"])
-        visual_dim, _ = vision_geometry(cfg.model.vision)
-        shapes = {
-            "visual_features": (cfg.model.frames, -1, visual_dim),
-            "audio_features": (cfg.model.audio_segments, -1, cfg.model.audio.arch["d_model"]),
-            "frame_times": (cfg.model.frames,),
-            "segment_bounds": (cfg.model.audio_segments, 2),
-        }
+    with bar_run(args.cache, args.run) as (storage, manifest, finished, cfg):
+        shapes = feature_shapes(cfg)
         worlds = {
             "train": (join(BUCKET, "world"), join(BUCKET, "features")),
             "test": (join(BUCKET, args.test_world), join(BUCKET, "features-" + args.test_world)),

@@ -28,6 +28,7 @@ S3, the two worlds' features and records, and one run's checkpoints.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import re
@@ -124,8 +125,9 @@ def probe_accuracy(train_x, train_y, test_x, test_y, steps: int = 400) -> float:
         return float((linear(test_x).argmax(1) == test_y).float().mean()) * 100
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def run_arguments(description: str, out: str) -> argparse.Namespace:
+    """The options of a script that reads one learning-bar run from the bar's cache."""
+    parser = argparse.ArgumentParser(description=description)
     parser.add_argument("--run", required=True, help="a learning-bar run id (its checkpoints)")
     parser.add_argument(
         "--cache",
@@ -133,13 +135,52 @@ def main() -> None:
         default=Path(os.environ.get("DAMO_BENCH_CACHE", "/tmp/damo-bench")) / "learning-bar",
     )
     parser.add_argument("--test-world", default="heldout-1-200", help="the held-out world's name")
-    parser.add_argument("--out", type=Path, default=Path("benchmarks/results_position_probe.json"))
+    parser.add_argument("--out", type=Path, default=Path(out))
     args = parser.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    return args
+
+
+@contextlib.contextmanager
+def bar_run(cache: Path, run: str):
+    """(storage, manifest, finished stages, config) of a learning-bar run, through the bar's
+    S3 server: the running one if a bar run uses it (left up), else one started for this."""
+    from damo.config import DamoConfig, load_config
+    from damo.demo import BUCKET
+    from damo.storage import Storage, join
+    from damo.storage.s3server import EmbeddedS3Server
+    from damo.train.pipeline import read_manifest
+
+    embedded = load_config("tiny").storage.embedded
+    with EmbeddedS3Server(embedded, data_dir=str(cache / "storage")).shared() as state:
+        storage = Storage(state.s3_config())
+        manifest = read_manifest(storage, join(BUCKET, "runs", run))
+        finished = sorted(
+            s for s, e in (manifest or {}).get("stages", {}).items() if "checkpoint" in e
+        )
+        if not finished:
+            raise SystemExit(f"{run}: no run of that name with a finished stage in {cache}")
+        yield storage, manifest, finished, DamoConfig.model_validate(manifest["config"])
+
+
+def feature_shapes(cfg) -> dict[str, tuple[int, ...]]:
+    """The stored (flat) feature columns' shapes for this config."""
+    from damo.model.backbones import vision_geometry
+
+    visual_dim, _ = vision_geometry(cfg.model.vision)
+    return {
+        "visual_features": (cfg.model.frames, -1, visual_dim),
+        "audio_features": (cfg.model.audio_segments, -1, cfg.model.audio.arch["d_model"]),
+        "frame_times": (cfg.model.frames,),
+        "segment_bounds": (cfg.model.audio_segments, 2),
+    }
+
+
+def main() -> None:
+    args = run_arguments(__doc__.splitlines()[0], "benchmarks/results_position_probe.json")
 
     import torch
 
-    from damo.config import DamoConfig, load_config
     from damo.data.extract import feature_config_hash
     from damo.data.synthetic import load_world_records
     from damo.data.training import video_tensors
@@ -148,26 +189,12 @@ def main() -> None:
     from damo.model.backbones import vision_geometry
     from damo.model.damo import DamoModel
     from damo.model.video import VideoFeatures, patch_grid
-    from damo.storage import Storage, join
-    from damo.storage.s3server import EmbeddedS3Server
-    from damo.train.pipeline import read_manifest
+    from damo.storage import join
     from damo.version import code_version
 
     torch.set_num_threads(1)
     started = time.monotonic()
-    embedded = load_config("tiny").storage.embedded
-    server = EmbeddedS3Server(embedded, data_dir=str(args.cache / "storage"))
-    with server.shared() as state:  # a bar run may be using it: then it stays up
-        storage = Storage(state.s3_config())
-        manifest = read_manifest(storage, join(BUCKET, "runs", args.run))
-        finished = sorted(
-            s for s, e in (manifest or {}).get("stages", {}).items() if "checkpoint" in e
-        )
-        if not finished:
-            raise SystemExit(
-                f"{args.run}: no run of that name with a finished stage in {args.cache}"
-            )
-        cfg = DamoConfig.model_validate(manifest["config"])
+    with bar_run(args.cache, args.run) as (storage, manifest, finished, cfg):
         feature_hash = feature_config_hash(cfg)
         worlds = {
             "train": (join(BUCKET, "world"), join(BUCKET, "features")),
@@ -179,12 +206,7 @@ def main() -> None:
         visual_dim, patches = vision_geometry(cfg.model.vision)
         grid = cfg.model.residual.visual_pool_grid(*patch_grid(patches))
         cells = f"{grid[0]}x{grid[1]} cells"
-        shapes = {
-            "visual_features": (cfg.model.frames, -1, visual_dim),
-            "audio_features": (cfg.model.audio_segments, -1, cfg.model.audio.arch["d_model"]),
-            "frame_times": (cfg.model.frames,),
-            "segment_bounds": (cfg.model.audio_segments, 2),
-        }
+        shapes = feature_shapes(cfg)
         data = {}
         for split, (world, features) in worlds.items():
             records = load_world_records(world, storage).to_pylist()
