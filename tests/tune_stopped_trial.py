@@ -2,8 +2,9 @@
 `damo.data.extract.connect_ray` starts: `python tests/tune_stopped_trial.py RUN_DIR`.
 
 Prints one JSON line: the placement groups still held and the CPUs free once the sweep is over
-(waiting up to 30 s for Ray Train's PlacementGroupCleaner). Run it while another Ray cluster is
-up on this machine, which is where the cleaner used to lose track of its cluster.
+(waiting up to 30 s for Ray Train's PlacementGroupCleaner and for the CPUs to come back). Run
+it while another Ray cluster is up on this machine, which is where the cleaner used to lose
+track of its cluster.
 """
 
 from __future__ import annotations
@@ -45,13 +46,16 @@ def main(root: str) -> None:
         param_space={"root": root},
         run_config=tune.RunConfig(storage_path=root, stop={"training_iteration": 3}, verbose=0),
     ).fit()
+    # A removed placement group's CPUs reach `available_resources` a moment later (a CI run
+    # once read 1.5 of 2 right after the group went), so wait for both, with one deadline.
+    total = ray.cluster_resources().get("CPU", 0.0)
     deadline = time.monotonic() + 30
     while True:
         held = [g for g in ray.util.placement_group_table().values() if g["state"] != "REMOVED"]
-        if not held or time.monotonic() > deadline:
+        free = ray.available_resources().get("CPU", 0.0)
+        if (not held and free >= total) or time.monotonic() > deadline:
             break
         time.sleep(1)
-    free = ray.available_resources().get("CPU", 0.0)
     print(json.dumps({"placement_groups_held": len(held), "cpus_free": free}))
     ray.shutdown()
 
