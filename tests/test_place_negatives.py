@@ -163,3 +163,22 @@ def test_the_slot_embedding_tells_a_frame_from_its_mirror_image():
         assert (moved > 1e-3) == changes, (slots, float(moved))
         names = [n for n in model.component_parameters("temporal") if ".slot." in n]
         assert len(names) == (2 if slots else 0)  # visual cells, audio sub-windows
+
+
+def test_place_negatives_can_be_kept_to_the_anchor():
+    """`model.heads.place_negatives`: true gives stage 1 and the anchor negatives, "anchor"
+    the anchor alone; anything else is refused with the field's name."""
+    from damo.train.loop import place_negatives_for
+
+    caption = "a red square appears in the top left from 1.0 to 4.0 seconds."
+    expected = {"false": (None, None), "true": (True, True), "anchor": (None, True)}
+    for value, (own, anchored) in expected.items():
+        setting = load_config("tiny", [f"model.heads.place_negatives={value}"]).model.heads
+        for anchor, wanted in ((False, own), (True, anchored)):
+            negative = place_negatives_for(setting.place_negatives, anchor=anchor)
+            if wanted is None:
+                assert negative is None, (value, anchor)
+            else:
+                assert negative(caption) == place_negative(caption) != caption
+    with pytest.raises(ValueError, match="place_negatives"):
+        load_config("tiny", ["model.heads.place_negatives=stage1"])

@@ -286,11 +286,13 @@ class HeadsConfig(Section):
     vtc_weight: float = Field(default=1.0, ge=0)
     vtm_weight: float = Field(default=1.0, ge=0)
     vtg_weight: float = Field(default=1.0, ge=0)
-    place_negatives: bool = Field(
+    place_negatives: bool | Literal["anchor"] = Field(
         default=False,
         description="VTC and VTM also see each caption with its places made wrong "
         "(damo.data.synthetic.place_negative) as a negative, so that matching needs the place; "
-        "captions that name no place get none.",
+        "captions that name no place get none. true: in stage 1 and in the anchor of the LM "
+        "stages; 'anchor': in the anchor alone (stage 1 learned little of the place from them "
+        "and lost retrieval, benchmarks/README.md section 5).",
     )
 
 

@@ -337,7 +337,7 @@ class DamoModel(nn.Module):
                 states = self.text_states(ids, mask)  # (B, S', Dt)
                 own_negatives = (states, mask, has_one)
                 negative_emb = self.heads.vtc.embed_text(states, mask)  # (B, E)
-                own_sims = (video_emb * negative_emb).sum(dim=1) * self.heads.vtc.scale()  # (B,)
+                own_sims = self.heads.vtc.pair_similarities(video_emb, negative_emb)  # (B,)
                 own_sims = own_sims.masked_fill(~has_one, float("-inf"))
         if "vtc" in which:
             losses["vtc"] = self.heads.vtc.loss(sims, own_sims)

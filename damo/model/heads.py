@@ -43,6 +43,11 @@ class ContrastiveHead(nn.Module):
     def similarities(self, video_emb: Tensor, text_emb: Tensor) -> Tensor:
         return self.scale() * video_emb @ text_emb.T  # (Bv, Bt)
 
+    def pair_similarities(self, video_emb: Tensor, text_emb: Tensor) -> Tensor:
+        """Each video with its own text alone: the diagonal of `similarities`, for texts that
+        are not in the batch (a caption's hard negative)."""
+        return self.scale() * (video_emb * text_emb).sum(dim=1)  # (B,)
+
     def loss(self, sims: Tensor, negative_sims: Tensor | None = None) -> Tensor:
         """InfoNCE both ways; `negative_sims` (B,), each video's similarity to its own hard
         negative caption (-inf where it has none), join that video's video-to-text softmax."""

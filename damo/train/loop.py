@@ -23,7 +23,7 @@ import os
 import shutil
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import nullcontext
 from pathlib import Path
 
@@ -232,6 +232,12 @@ def rank_share(dataset, batch_size: int, rank: int, world: int) -> Iterator[dict
             yield rows
 
 
+def place_negatives_for(setting: bool | str, anchor: bool) -> Callable[[str], str | None] | None:
+    """caption -> its place negative, for a stage's own batches or for its anchor's batches,
+    as `model.heads.place_negatives` asks (true: both; "anchor": the anchor's alone)."""
+    return place_negative if setting is True or (anchor and setting == "anchor") else None
+
+
 def train_loop_per_worker(config: dict) -> None:
     import ray
     import ray.train
@@ -300,14 +306,19 @@ def train_loop_per_worker(config: dict) -> None:
     ddp = ray.train.torch.prepare_model(
         model, move_to_device=False, parallel_strategy_kwargs={"find_unused_parameters": True}
     )
-    negative_caption = place_negative if cfg.model.heads.place_negatives else None
+    place_negatives = cfg.model.heads.place_negatives
     collate = StageCollator(
-        spec.objective, model.prompt_builder, model.tokenize_text, negative_caption
+        spec.objective,
+        model.prompt_builder,
+        model.tokenize_text,
+        place_negatives_for(place_negatives, anchor=False),
     )
     anchor = None
     if spec.anchored:
         anchor_collate = StageCollator(
-            "alignment", tokenize_text=model.tokenize_text, negative_caption=negative_caption
+            "alignment",
+            tokenize_text=model.tokenize_text,
+            negative_caption=place_negatives_for(place_negatives, anchor=True),
         )
         anchor = anchor_batches(
             ray.train.get_dataset_shard(ANCHOR_DATASET),
