@@ -286,6 +286,14 @@ class HeadsConfig(Section):
     vtc_weight: float = Field(default=1.0, ge=0)
     vtm_weight: float = Field(default=1.0, ge=0)
     vtg_weight: float = Field(default=1.0, ge=0)
+    vtg_vocabulary: Literal["full", "batch"] = Field(
+        default="full",
+        description="The words VTG's softmax ranks each caption token against. full: the text "
+        "tokenizer's whole vocabulary. batch: only the tokens the batch's captions use. Scoring "
+        "30,522 words is ~90% of a VTG step on the tiny preset, while a synthetic world's "
+        "captions use about a hundred, so 'batch' makes VTG cheap enough to anchor the LM "
+        "stages with (benchmarks/README.md, section 5).",
+    )
     place_negatives: bool | Literal["anchor"] = Field(
         default=False,
         description="VTC and VTM also see each caption with its places made wrong "

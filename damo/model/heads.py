@@ -124,7 +124,8 @@ class CaptioningHead(nn.Module):
     """VTG: a small causal decoder writes the caption, prefixed by the query states.
 
     Queries attend to each other; each text token attends to all queries and to earlier text
-    tokens. It predicts the text encoder tokenizer's ids ([CLS] starts, [SEP] ends).
+    tokens. It predicts the text encoder tokenizer's ids ([CLS] starts, [SEP] ends), ranked
+    against the whole vocabulary or, with `vtg_vocabulary: batch`, against the batch's own words.
     """
 
     def __init__(self, dim: int, heads: int, vocab_size: int, cfg: HeadsConfig):
@@ -135,6 +136,7 @@ class CaptioningHead(nn.Module):
             nn.init.normal_(table.weight, std=0.02)
         self.layers = nn.ModuleList(SelfAttentionBlock(dim, heads) for _ in range(cfg.vtg_depth))
         self.norm = nn.LayerNorm(dim)
+        self.batch_vocabulary = cfg.vtg_vocabulary == "batch"
 
     def loss(self, query_states: Tensor, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
         num_queries = query_states.shape[1]
@@ -155,9 +157,15 @@ class CaptioningHead(nn.Module):
         attn_mask = allowed[None, None] & key_mask_to_attn_mask(key_mask)  # (B, 1, N, N)
         for layer in self.layers:
             x = layer(x, attn_mask)
-        logits = self.norm(x[:, num_queries:]) @ self.embed.weight.T  # (B, S-1, V), tied
-        targets = targets.masked_fill(~attention_mask[:, 1:].bool(), -100)
-        return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1))
+        scored = attention_mask[:, 1:].bool()  # (B, S-1): padding predicts nothing
+        states = self.norm(x[:, num_queries:])[scored]  # (M, D)
+        targets = targets[scored]  # (M,)
+        words = self.embed.weight  # (V, D), tied
+        if self.batch_vocabulary:
+            vocabulary = targets.unique()  # (U,), sorted
+            words = words[vocabulary]  # (U, D)
+            targets = torch.searchsorted(vocabulary, targets)  # (M,) in [0, U)
+        return F.cross_entropy(states @ words.T, targets)  # logits (M, V) or (M, U)
 
 
 class AlignmentHeads(nn.Module):
