@@ -58,7 +58,8 @@ class AnchorConfig(Section):
         default=list(ALIGNMENT_LOSSES),
         min_length=1,
         description="Which stage-1 losses anchor (each at its model.heads weight). VTG, the "
-        "captioning head, is about 90% of an anchor step's cost on the tiny preset.",
+        "captioning head, is about 90% of an anchor step's cost on the tiny preset unless "
+        "model.heads.vtg_vocabulary is 'batch'.",
     )
 
     @model_validator(mode="after")
