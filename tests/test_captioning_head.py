@@ -15,8 +15,8 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")
 VOCAB, DIM, QUERIES = 50, 16, 4
 
 
-def heads(seed: int = 0) -> dict[str, CaptioningHead]:
-    torch.manual_seed(seed)
+def heads() -> dict[str, CaptioningHead]:
+    torch.manual_seed(0)
     full = CaptioningHead(DIM, 2, VOCAB, HeadsConfig(vtg_vocabulary="full"))
     batch = CaptioningHead(DIM, 2, VOCAB, HeadsConfig(vtg_vocabulary="batch"))
     batch.load_state_dict(full.state_dict())
