@@ -30,8 +30,9 @@ Re-running with the same arguments resumes: clips, features, backbones and finis
 kept in --cache. Results go to benchmarks/results_learning_bar.json and, as Markdown, to stdout.
 
 Seeds run apart (on two machines, or a cut-off run's seeds re-run later) are combined with
---combine A.json B.json: the files must share the budget and the code version, and each seed
-may appear once; the bars are recomputed over all their seeds.
+--combine A.json B.json: the files must share the budget and the code version (--mixed-code
+accepts commits whose damo/ differs in nothing that moves a number), and each seed may appear
+once; the bars are recomputed over all their seeds.
 """
 
 from __future__ import annotations
@@ -217,8 +218,26 @@ def test_set_summary(metrics: dict, clips: int, seed: int) -> str:
     )
 
 
-def combine(files: list[Path]) -> dict:
-    """One result of several runs' files: the same budget and code, disjoint seeds."""
+def code_diff(versions: list[str]) -> str:
+    """`git diff --stat` of the model's code (damo/) between the first and each other version."""
+    import subprocess
+
+    stats = []
+    for version in versions[1:]:
+        diff = subprocess.run(
+            ["git", "diff", "--stat", versions[0], version, "--", "damo"],
+            capture_output=True,
+            text=True,
+        )
+        stats.append(f"{versions[0]}..{version}: {(diff.stdout or diff.stderr).strip() or 'none'}")
+    return "\n".join(stats)
+
+
+def combine(files: list[Path], mixed_code: bool = False) -> dict:
+    """One result of several runs' files: the same budget and code, disjoint seeds.
+
+    Runs at different commits combine only with `mixed_code`, after the caller has read what
+    differs in damo/ (printed in the error) and judged that it cannot move a number."""
     runs = [json.loads(path.read_text()) for path in files]
     same = ("clips", "test_clips", "lm_steps", "max_steps", "overrides", "test_set")
     for path, run in zip(files[1:], runs[1:], strict=True):
@@ -231,8 +250,12 @@ def combine(files: list[Path]) -> dict:
         for seed in run["per_seed"].values()
         for variant in seed["variants"].values()
     }
-    if len(versions) != 1:
-        raise SystemExit(f"error: the runs were evaluated by different code: {sorted(versions)}")
+    if len(versions) != 1 and not mixed_code:
+        raise SystemExit(
+            f"error: the runs were evaluated by different code: {sorted(versions)}; what differs "
+            f"in damo/:\n{code_diff(sorted(versions))}\n"
+            "pass --mixed-code if none of it can change a result"
+        )
     seeds = [seed for run in runs for seed in run["seeds"]]
     if len(set(seeds)) != len(seeds):
         raise SystemExit(f"error: a seed appears in more than one file: {seeds}")
@@ -245,6 +268,7 @@ def combine(files: list[Path]) -> dict:
         "per_seed": {str(s): run["per_seed"][str(s)] for run in runs for s in run["seeds"]},
         "timings_s": timings,
         "total_s": round(sum(run["total_s"] for run in runs), 1),
+        "code_versions": sorted(versions),
         "combined_from": [
             {"file": str(path), "seeds": run["seeds"], "total_s": run["total_s"]}
             for path, run in zip(files, runs, strict=True)
@@ -306,9 +330,14 @@ def main() -> None:
         metavar="RESULTS",
         help="combine the result files of runs with different seeds into --out (trains nothing)",
     )
+    parser.add_argument(
+        "--mixed-code",
+        action="store_true",
+        help="let --combine join runs made at different commits (it lists what differs first)",
+    )
     args = parser.parse_args()
     if args.combine:
-        results = combine(args.combine)
+        results = combine(args.combine, args.mixed_code)
         args.out.write_text(json.dumps(results, indent=2, default=str) + "\n")
         report(results, args.out)
         return
