@@ -252,7 +252,9 @@ def main() -> None:
 
     from damo.config import load_config
     from damo.config.data import SyntheticConfig
+    from damo.config.loader import config_hash
     from damo.data.backbones import make_tiny_backbones
+    from damo.data.extract import feature_config_hash
     from damo.data.records import read_records
     from damo.data.synthetic import generate_world
     from damo.data.training import StageCollator
@@ -264,7 +266,14 @@ def main() -> None:
     args.cache.mkdir(parents=True, exist_ok=True)
     storage = Storage()
     cfg = load_config("tiny", [*RECIPE, *args.set])
-    backbones = str(args.cache / f"backbones-{args.clips}-{args.lm_steps}")
+    # keyed on the backbones' configs too: a --set of the LLM's or an encoder's arch must
+    # build new backbones, not load the cached ones (whose saved config would win silently)
+    backbone_cfgs = {
+        name: getattr(cfg.model, name).model_dump(mode="json")
+        for name in ("vision", "audio", "text_encoder", "llm")
+    }
+    tag = config_hash(backbone_cfgs)[:8]
+    backbones = str(args.cache / f"backbones-{args.clips}-{args.lm_steps}-{tag}")
     cfg = cfg.model_copy(update={"model": cfg.model.with_backbones_at(backbones)})
     if not Path(backbones, "llm", "config.json").exists():
         make_tiny_backbones(backbones, cfg.model, storage, args.lm_steps, args.clips)
@@ -273,7 +282,8 @@ def main() -> None:
         {**cfg.data.synthetic.model_dump(), "num_clips": args.clips}
     )
     generate_world(world, storage, settings, progress=False)
-    features = extract(cfg, storage, world, args.cache / f"features-{args.clips}.npz")
+    features_file = f"features-{args.clips}-{feature_config_hash(cfg)[:8]}.npz"
+    features = extract(cfg, storage, world, args.cache / features_file)
     split = {
         s: read_records(f"{world}/records/{s}.parquet", storage).to_pylist()
         for s in ("train", "val", "test")
