@@ -25,7 +25,7 @@ import time
 from pathlib import Path
 
 import numpy as np
-from learning_bar import add_overrides_option
+from learning_bar import add_overrides_option, backbones_tag
 
 # What each variant trains in stages 2 and 3, and the learning-rate scale of the pathway
 # components (fuseformer, bridge) against the stage's lr; `anchor` adds the stage-1 alignment
@@ -252,7 +252,6 @@ def main() -> None:
 
     from damo.config import load_config
     from damo.config.data import SyntheticConfig
-    from damo.config.loader import config_hash
     from damo.data.backbones import make_tiny_backbones
     from damo.data.extract import feature_config_hash
     from damo.data.records import read_records
@@ -266,14 +265,8 @@ def main() -> None:
     args.cache.mkdir(parents=True, exist_ok=True)
     storage = Storage()
     cfg = load_config("tiny", [*RECIPE, *args.set])
-    # keyed on the backbones' configs too: a --set of the LLM's or an encoder's arch must
-    # build new backbones, not load the cached ones (whose saved config would win silently)
-    backbone_cfgs = {
-        name: getattr(cfg.model, name).model_dump(mode="json")
-        for name in ("vision", "audio", "text_encoder", "llm")
-    }
-    tag = config_hash(backbone_cfgs)[:8]
-    backbones = str(args.cache / f"backbones-{args.clips}-{args.lm_steps}-{tag}")
+    tag = backbones_tag(cfg.model, args.lm_steps)
+    backbones = str(args.cache / f"backbones-{args.clips}-{tag}")
     cfg = cfg.model_copy(update={"model": cfg.model.with_backbones_at(backbones)})
     if not Path(backbones, "llm", "config.json").exists():
         make_tiny_backbones(backbones, cfg.model, storage, args.lm_steps, args.clips)

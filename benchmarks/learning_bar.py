@@ -218,6 +218,17 @@ def test_set_summary(metrics: dict, clips: int, seed: int) -> str:
     )
 
 
+def backbones_tag(model, lm_steps: int) -> str:
+    """Backbones depend on their configs and on the LM's pre-training: key a cache on both, so
+    that a recipe override (trainable sets, the pathway's sizes) reuses them and an arch
+    override builds new ones (a cached directory's saved config would win silently)."""
+    from damo.config.loader import config_hash
+    from damo.config.model import BACKBONES
+
+    configs = {name: getattr(model, name).model_dump(mode="json") for name in BACKBONES}
+    return config_hash({"backbones": configs, "lm": lm_steps})[:8]
+
+
 def code_diff(versions: list[str]) -> str:
     """`git diff --stat` of the model's code (damo/) between the first and each other version."""
     import subprocess
@@ -347,7 +358,7 @@ def main() -> None:
     import ray
 
     from damo.config import load_config
-    from damo.config.loader import config_hash, with_overrides
+    from damo.config.loader import with_overrides
     from damo.data.extract import feature_config_hash
     from damo.data.records import write_records
     from damo.data.synthetic import load_world_records
@@ -382,14 +393,8 @@ def main() -> None:
     with server as state:
         size = DemoSize(args.clips, args.lm_steps, args.max_steps)
         cfg = demo_config(base, state.s3_config(), size)
-        # backbones depend on the backbones' configs and on the LM's pre-training: key them on
-        # both, so that a recipe override (trainable sets, the pathway's sizes) reuses them
-        backbone_cfgs = {
-            name: getattr(cfg.model, name).model_dump(mode="json")
-            for name in ("vision", "audio", "text_encoder", "llm")
-        }
-        tag = config_hash({"backbones": backbone_cfgs, "lm": args.lm_steps})
-        backbones = join(BUCKET, "backbones", f"tiny-{tag[:8]}")
+        tag = backbones_tag(cfg.model, args.lm_steps)
+        backbones = join(BUCKET, "backbones", f"tiny-{tag}")
         cfg = cfg.model_copy(update={"model": cfg.model.with_backbones_at(backbones)})
         storage = Storage(cfg.storage.s3)
         storage.ensure_bucket(BUCKET)
@@ -466,7 +471,7 @@ def main() -> None:
                 pipeline(
                     heldout_cfg,
                     PipelinePlan(
-                        f"heldout-{heldout_seed}-{args.test_clips}-{tag[:8]}",
+                        f"heldout-{heldout_seed}-{args.test_clips}-{tag}",
                         world=heldout,
                         clips=args.test_clips,
                         stages=(),
