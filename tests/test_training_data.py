@@ -83,6 +83,44 @@ def test_each_stage_yields_batches_the_model_trains_on(
     model.zero_grad(set_to_none=True)
 
 
+def test_task_repeats_read_a_task_more_often_per_epoch(tiny_world, tiny_features, feature_hash):
+    """A data mixture: each grounding record yields 3 rows, the others 1; validation (no
+    repeats) and the join report's record counts are unchanged."""
+    storage = Storage()
+    records_uri = str(tiny_world / "records" / "train.parquet")
+    tasks = ("grounding", "qa")
+    plain, plain_report = training_dataset(
+        str(tiny_features), records_uri, tasks, storage, feature_hash
+    )
+    mixed, report = training_dataset(
+        str(tiny_features), records_uri, tasks, storage, feature_hash, task_repeats={"grounding": 3}
+    )
+    assert report.matched == plain_report.matched == plain_report.rows
+    counts = {}
+    for row in plain.select_columns(["record_id", "task"]).take_all():
+        counts[row["task"]] = counts.get(row["task"], 0) + 1
+    assert counts["grounding"] > 0 and counts["qa"] > 0
+    assert report.rows == counts["qa"] + 3 * counts["grounding"]
+    rows = mixed.select_columns(["record_id", "task"]).take_all()
+    assert len(rows) == report.rows
+    per_record = {}
+    for row in rows:
+        per_record.setdefault((row["task"], row["record_id"]), 0)
+        per_record[(row["task"], row["record_id"])] += 1
+    assert {n for (task, _), n in per_record.items() if task == "grounding"} == {3}
+    assert {n for (task, _), n in per_record.items() if task == "qa"} == {1}
+
+
+def test_task_repeats_must_name_a_trained_task():
+    with pytest.raises(ValueError, match="does not train"):
+        load_config("tiny", ["train.stages.stage3.task_repeats={dialogue: 2}"])
+    with pytest.raises(ValueError, match="at least 1"):
+        load_config("tiny", ["train.stages.stage3.task_repeats={grounding: 0}"])
+    cfg = load_config("tiny", ["train.stages.stage3.task_repeats={grounding: 2}"])
+    assert stage_spec(cfg, 3).task_repeats == {"grounding": 2}
+    assert stage_spec(cfg, 4).task_repeats == {}
+
+
 def test_records_without_features_are_reported(tiny_world, tiny_features, tmp_path, feature_hash):
     storage = Storage()
     records = read_records(str(tiny_world / "records" / "train.parquet"), storage).to_pylist()

@@ -84,6 +84,12 @@ class StageTrainConfig(Section):
     checkpoint_every: int | None = Field(
         default=None, ge=1, description="Optimiser steps between checkpoints (and epoch ends)."
     )
+    task_repeats: dict[Task, int] = Field(
+        default_factory=dict,
+        description="How many times each record of a task is read per epoch of the train split "
+        "(a data mixture, e.g. {grounding: 2}); unlisted tasks: 1. Validation reads each record "
+        "once.",
+    )
     val_grounding: bool = Field(
         default=False,
         description="At each epoch end also answer the validation split's grounding records "
@@ -94,6 +100,16 @@ class StageTrainConfig(Section):
         description="Which epoch's checkpoint the stage keeps as its result: the lowest "
         "val_loss or the highest val_grounding_miou (needs val_grounding).",
     )
+
+    @model_validator(mode="after")
+    def _repeats_name_trained_tasks(self) -> StageTrainConfig:
+        untrained = sorted(set(self.task_repeats) - set(self.tasks))
+        if untrained:
+            raise ValueError(f"task_repeats names tasks this stage does not train: {untrained}")
+        low = {task: n for task, n in self.task_repeats.items() if n < 1}
+        if low:
+            raise ValueError(f"task_repeats must be at least 1: {low}")
+        return self
 
     @model_validator(mode="after")
     def _metric_is_measured(self) -> StageTrainConfig:

@@ -39,6 +39,11 @@ class JoinReport:
     videos_without_features: list[str]
     stale_rows: int = 0  # feature rows of another decode/encoder config, not read
     duplicate_rows: int = 0  # older rows of a video that has a newer current one
+    rows: int | None = None  # rows the dataset yields: `matched` with task repeats counted
+
+    def __post_init__(self):
+        if self.rows is None:
+            self.rows = self.matched
 
     @property
     def unmatched(self) -> int:
@@ -194,9 +199,10 @@ def training_dataset(
     storage: Storage,
     feature_hash: str,
     split: str | None = None,
+    task_repeats: dict[str, int] | None = None,
 ):
     """(ray.data.Dataset with one row per record that has current features, or None when no
-    record has any, JoinReport).
+    record has any, JoinReport). A record of a task in `task_repeats` yields that many rows.
 
     Only rows of the current feature config (`feature_hash`), one per video and only for the
     records' videos, are read (see `select_feature_rows`, `feature_dataset`). The records
@@ -214,6 +220,13 @@ def training_dataset(
         stale_rows=selection.stale_rows,
         duplicate_rows=selection.duplicate_rows,
     )
+    repeats = task_repeats or {}
+    if repeats:
+        by_video = {
+            uri: [text for text in texts for _ in range(repeats.get(text["task"], 1))]
+            for uri, texts in by_video.items()
+        }
+        report.rows = sum(len(v) for uri, v in by_video.items() if uri in chosen)
 
     def expand(row: dict) -> list[dict]:
         return [

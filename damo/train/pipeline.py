@@ -129,6 +129,8 @@ def print_join_report(what: str, report) -> None:
             f"{what}: skipped {report.stale_rows} feature rows of another feature config and "
             f"{report.duplicate_rows} older duplicates"
         )
+    if report.rows != report.matched:
+        print(f"{what}: {report.matched} records read as {report.rows} rows (task_repeats)")
     if report.unmatched:
         print(
             f"warning: {what}: {report.unmatched} of {report.records} records have no "
@@ -157,10 +159,15 @@ def fit_stage(
     for name, split in (("train", data.train_split), ("val", data.val_split)):
         records = join(data.records, f"{split}.parquet")
         datasets[name], report = training_dataset(
-            data.features, records, spec.tasks, storage, feature_hash
+            data.features,
+            records,
+            spec.tasks,
+            storage,
+            feature_hash,
+            task_repeats=spec.task_repeats if name == "train" else None,
         )
         print_join_report(f"stage {stage} {name}", report)
-        matched[name] = report.matched
+        matched[name] = report.rows
         if name == "val" and spec.val_grounding:  # answered and scored at each epoch end
             datasets["val_grounding"], grounding = training_dataset(
                 data.features, records, ("grounding",), storage, feature_hash

@@ -28,6 +28,7 @@ class StageSpec:
     name: str
     objective: str  # "alignment" or "lm"
     tasks: tuple[str, ...]
+    task_repeats: dict[str, int]  # train-split reads per epoch of each task's records
     loss_weights: dict[str, float]
     trainable: tuple[str, ...]
     optimizer: OptimizerConfig
@@ -71,6 +72,7 @@ def stage_spec(cfg: DamoConfig, stage: int) -> StageSpec:
         name=STAGE_NAMES[stage],
         objective=model_stage.objective,
         tasks=tuple(recipe.tasks),
+        task_repeats=dict(recipe.task_repeats),
         loss_weights=weights,
         trainable=tuple(model_stage.trainable),
         optimizer=recipe.optimizer,
