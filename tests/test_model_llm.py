@@ -77,6 +77,29 @@ def test_prompt_builder_expands_video_and_labels_only_answers(model):
             assert (first_real == 0).all()
 
 
+def test_video_placement_after_puts_the_soft_prompt_behind_the_question(model):
+    from damo.model.llm import PromptBuilder
+
+    k = model.cfg.bridge.queries
+    before = model.prompt_builder(CONVERSATIONS[:1])
+    after = PromptBuilder(model.tokenizer, model.cfg.llm.video_token, k, "after")(CONVERSATIONS[:1])
+    question = model.tokenizer("what colour is the square?", add_special_tokens=False)["input_ids"]
+    for batch, video_first in ((before, True), (after, False)):
+        ids = batch["input_ids"][0].tolist()
+        video_at = ids.index(model.video_token_id)
+        question_at = next(i for i in range(len(ids)) if ids[i : i + len(question)] == question)
+        assert (video_at < question_at) == video_first
+        assert ids[video_at : video_at + k] == [model.video_token_id] * k
+    # the same answer tokens are learned wherever the video goes
+    for batch in (before, after):
+        labels = batch["labels"][0]
+        assert (
+            model.tokenizer.decode(batch["input_ids"][0][labels != IGNORE_INDEX]) == "red.<|end|>"
+        )
+    with pytest.raises(ValueError, match="placement"):
+        PromptBuilder(model.tokenizer, model.cfg.llm.video_token, k, "middle")
+
+
 def test_left_and_right_padding_give_the_same_loss_and_logits(model):
     video = random_video(model.cfg, 2, generator=torch.Generator().manual_seed(0))
     results = {}

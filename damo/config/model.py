@@ -178,6 +178,12 @@ class LLMConfig(BackboneConfig):
         "checkpoint whose language model `damo backbones prepare --llava` extracts.",
     )
     video_token: str = "<video>"
+    video_placement: Literal["before", "after"] = Field(
+        default="before",
+        description="Where the soft prompt goes in the first user turn when the turn has no "
+        "`<video>`: before its text, or after it, where a causal LLM's video positions can "
+        "attend to the question.",
+    )
     dtype: Literal["float32", "bfloat16", "float16"] = Field(
         default="bfloat16", description="Dtype of the frozen LLM weights."
     )

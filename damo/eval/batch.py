@@ -346,8 +346,9 @@ def evaluate_checkpoint(
         "audio_segments": cfg.data.decode.num_segments,
         "decoding": {"greedy": True, "max_new_tokens": settings.max_new_tokens},
         "audio": settings.audio,
-        "prompt": "the record's question, as the user turn "
-        "of the LLM's chat template with <video> before it (damo.model.llm.PromptBuilder)",
+        "prompt": "the record's question, as the user turn of the LLM's chat template with "
+        "<video> where the checkpoint's model.llm.video_placement puts it "
+        "(damo.model.llm.PromptBuilder)",
         "parser": "damo.eval.parse.parse_span",
         "code_version": code_version(),
         "seconds": round(time.monotonic() - started, 1),

@@ -113,7 +113,9 @@ class DamoModel(nn.Module):
             if len(tokenizer) > llm.get_input_embeddings().num_embeddings:
                 grow_vocabulary(llm, len(tokenizer))
             self.video_token_id = tokenizer.convert_tokens_to_ids(cfg.llm.video_token)
-            self.prompt_builder = PromptBuilder(tokenizer, cfg.llm.video_token, cfg.bridge.queries)
+            self.prompt_builder = PromptBuilder(
+                tokenizer, cfg.llm.video_token, cfg.bridge.queries, cfg.llm.video_placement
+            )
         else:
             # Built without a tokenizer (meta device): the last id stands in for <video>.
             self.video_token_id = llm.get_input_embeddings().num_embeddings - 1

@@ -1,7 +1,8 @@
 """The frozen LLM side: chat prompts with a `<video>` placeholder, the soft-prompt splice, LoRA.
 
 A conversation is a list of {"role": "user" | "assistant", "content": str}. The first user turn
-carries the `<video>` placeholder (added in front when absent). The prompt builder renders it
+carries the `<video>` placeholder (added in front of its text when absent, or after it with
+`placement="after"`). The prompt builder renders it
 with the tokenizer's chat template, expands the placeholder to K copies of the `<video>` token
 (K = soft prompt length), and masks everything but the assistant turns out of the labels.
 `splice_video` then overwrites those K embeddings with the soft prompt in one masked_scatter.
@@ -64,10 +65,15 @@ def add_lora(llm: nn.Module, cfg: LoraConfig) -> peft.PeftModel:
 class PromptBuilder:
     """Chat conversations -> input_ids / attention_mask / labels for the DaMO LLM."""
 
-    def __init__(self, tokenizer, video_token: str, num_video_tokens: int):
+    def __init__(
+        self, tokenizer, video_token: str, num_video_tokens: int, placement: str = "before"
+    ):
+        if placement not in ("before", "after"):
+            raise ValueError(f"placement must be 'before' or 'after', got {placement!r}")
         self.tokenizer = tokenizer
         self.video_token = video_token
         self.num_video_tokens = num_video_tokens
+        self.placement = placement
         self.video_token_id = tokenizer.convert_tokens_to_ids(video_token)
         pad = tokenizer.pad_token_id
         self.pad_token_id = pad if pad is not None else tokenizer.eos_token_id
@@ -77,7 +83,11 @@ class PromptBuilder:
             return conversation
         first_user = next(i for i, turn in enumerate(conversation) if turn["role"] == "user")
         turn = conversation[first_user]
-        placed = {**turn, "content": f"{self.video_token}\n{turn['content']}"}
+        text, video = turn["content"], self.video_token
+        placed = {
+            **turn,
+            "content": f"{text}\n{video}" if self.placement == "after" else f"{video}\n{text}",
+        }
         return [*conversation[:first_user], placed, *conversation[first_user + 1 :]]
 
     def _render(self, conversation: list[dict], add_generation_prompt: bool) -> str:
