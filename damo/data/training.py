@@ -39,11 +39,7 @@ class JoinReport:
     videos_without_features: list[str]
     stale_rows: int = 0  # feature rows of another decode/encoder config, not read
     duplicate_rows: int = 0  # older rows of a video that has a newer current one
-    rows: int | None = None  # rows the dataset yields: `matched` with task repeats counted
-
-    def __post_init__(self):
-        if self.rows is None:
-            self.rows = self.matched
+    rows: int = 0  # rows the dataset yields: `matched`, each record counted as often as it is read
 
     @property
     def unmatched(self) -> int:
@@ -219,14 +215,18 @@ def training_dataset(
         videos_without_features=missing,
         stale_rows=selection.stale_rows,
         duplicate_rows=selection.duplicate_rows,
+        rows=sum(
+            (task_repeats or {}).get(text["task"], 1)
+            for uri, texts in by_video.items()
+            if uri in chosen
+            for text in texts
+        ),
     )
-    repeats = task_repeats or {}
-    if repeats:
+    if task_repeats:
         by_video = {
-            uri: [text for text in texts for _ in range(repeats.get(text["task"], 1))]
+            uri: [text for text in texts for _ in range(task_repeats.get(text["task"], 1))]
             for uri, texts in by_video.items()
         }
-        report.rows = sum(len(v) for uri, v in by_video.items() if uri in chosen)
 
     def expand(row: dict) -> list[dict]:
         return [

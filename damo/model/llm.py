@@ -2,9 +2,9 @@
 
 A conversation is a list of {"role": "user" | "assistant", "content": str}. The first user turn
 carries the `<video>` placeholder (added in front of its text when absent, or after it with
-`placement="after"`). The prompt builder renders it
-with the tokenizer's chat template, expands the placeholder to K copies of the `<video>` token
-(K = soft prompt length), and masks everything but the assistant turns out of the labels.
+`placement="after"`). The prompt builder renders it with the tokenizer's chat template,
+expands the placeholder to K copies of the `<video>` token (K = soft prompt length), and masks
+everything but the assistant turns out of the labels.
 `splice_video` then overwrites those K embeddings with the soft prompt in one masked_scatter.
 """
 
