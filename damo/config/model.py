@@ -279,6 +279,12 @@ class BridgeConfig(Section):
     queries: int = Field(default=32, ge=1, description="Soft prompt length (default).")
     depth: int = Field(default=2, ge=1)
     heads: int = Field(default=12, ge=1)
+    read_question: bool = Field(
+        default=False,
+        description="The queries also attend to the question (the first user turn's words, "
+        "as the frozen text encoder reads them), as InstructBLIP's Q-Former does, so the soft "
+        "prompt can carry the event the question names. Off: one soft prompt per video.",
+    )
 
 
 class HeadsConfig(Section):

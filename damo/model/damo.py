@@ -34,7 +34,7 @@ from damo.model.backbones import (
 )
 from damo.model.heads import AlignmentHeads
 from damo.model.llm import PromptBuilder, add_lora, position_ids_from_mask, splice_video
-from damo.model.video import VideoFeatures, VideoPathway
+from damo.model.video import Question, VideoFeatures, VideoPathway
 
 # Which submodules make up each trainable component; `lora` is the LLM's adapter.
 COMPONENT_MODULES: dict[str, tuple[str, ...]] = {
@@ -90,6 +90,7 @@ class DamoModel(nn.Module):
             temporal=cfg.temporal,
             fuseformer=cfg.fuseformer,
             bridge=cfg.bridge,
+            text_dim=text_dim,
         )
         self.heads = AlignmentHeads(
             cfg.fuseformer.width,
@@ -205,8 +206,9 @@ class DamoModel(nn.Module):
             if stage_cfg.objective == "lm" and component == "heads" and not anchored:
                 continue
             params.update(self.component_parameters(component))
-        if stage_cfg.objective == "alignment":
-            params = {k: v for k, v in params.items() if not k.startswith("pathway.bridge.to_llm")}
+        if stage_cfg.objective == "alignment":  # no LLM and no question
+            unused = ("pathway.bridge.to_llm", "pathway.bridge.question")
+            params = {k: v for k, v in params.items() if not k.startswith(unused)}
         return params
 
     def trainable_parameters(self, stage: int, anchored: bool = False) -> list[nn.Parameter]:
@@ -260,7 +262,13 @@ class DamoModel(nn.Module):
                 batch["text_attention_mask"],
                 negatives=negative_captions(batch),
             )
-        loss = self.lm_loss(video, batch["input_ids"], batch["attention_mask"], batch["labels"])
+        loss = self.lm_loss(
+            video,
+            batch["input_ids"],
+            batch["attention_mask"],
+            batch["labels"],
+            self.batch_question(batch),
+        )
         losses = {"lm": loss, "loss": loss}
         if anchor is not None:
             losses["anchor"] = self.alignment_losses(
@@ -279,8 +287,44 @@ class DamoModel(nn.Module):
             video = drop_audio(video, self.cfg.drop_audio_prob)
         return video
 
-    def soft_prompt(self, video: VideoFeatures) -> Tensor:
-        return self.pathway(video)  # (B, K, H)
+    def soft_prompt(self, video: VideoFeatures, question: Question | None = None) -> Tensor:
+        return self.pathway(video, question)  # (B, K, H)
+
+    @property
+    def reads_question(self) -> bool:
+        return self.cfg.bridge.read_question
+
+    def batch_question(self, batch: dict[str, Tensor]) -> Question | None:
+        """An LM batch's question for the bridge (StageCollator's `question_*` fields), when
+        the bridge reads one."""
+        if not self.reads_question:
+            return None
+        if "question_input_ids" not in batch:
+            raise ValueError("the bridge reads the question: the batch needs question_input_ids")
+        ids, mask = batch["question_input_ids"], batch["question_attention_mask"]
+        return self.text_states(ids, mask), mask.bool()
+
+    def tokenize_questions(self, prompts: list[str]) -> dict[str, Tensor]:
+        """First user turns -> question_input_ids / question_attention_mask (text encoder)."""
+        tokens = self.tokenize_text(question_texts(prompts, self.cfg.llm.video_token))
+        return {
+            "question_input_ids": tokens["text_input_ids"],
+            "question_attention_mask": tokens["text_attention_mask"],
+        }
+
+    def encode_questions(self, prompts: list[str]) -> Question:
+        """The questions' frozen text-encoder states (B, S, Dt) and mask (B, S)."""
+        device = self.pathway.bridge.queries.device
+        tokens = {k: v.to(device) for k, v in self.tokenize_questions(prompts).items()}
+        return self.batch_question(tokens)
+
+    def per_video_state(self, video: VideoFeatures) -> Tensor:
+        """What a server may keep per video and reuse for every question about it: the soft
+        prompt (B, K, H), or the fusion tokens (B, F, D) when the bridge reads the question
+        (the bridge is then run per question, see `generate`'s `fusion`)."""
+        if self.reads_question:
+            return self.pathway.fusion_tokens(video)
+        return self.soft_prompt(video)
 
     def text_states(self, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
         """(B, S, Dt) frozen text-encoder states; positions past a caption's end are zeros
@@ -360,24 +404,34 @@ class DamoModel(nn.Module):
         return self.llm
 
     def llm_inputs(
-        self, video: VideoFeatures | None, input_ids: Tensor, soft_prompt: Tensor | None = None
+        self,
+        video: VideoFeatures | None,
+        input_ids: Tensor,
+        soft_prompt: Tensor | None = None,
+        question: Question | None = None,
     ) -> Tensor:
         """Token embeddings with the soft prompt spliced in at the `<video>` tokens.
 
         `soft_prompt` (B, K, H): the pathway's output for the videos, when the caller already
-        has it (serving keeps it per video); `video` is then not needed."""
+        has it (serving keeps it per video); `video` is then not needed. `question`: what the
+        bridge reads with `read_question`."""
         self.require_llm()
         if soft_prompt is None:
-            soft_prompt = self.soft_prompt(video)
+            soft_prompt = self.soft_prompt(video, question)
         embeds = self.llm.get_input_embeddings()(input_ids)  # (B, S, H)
         return splice_video(embeds, input_ids, self.video_token_id, soft_prompt)
 
     def lm_loss(
-        self, video: VideoFeatures, input_ids: Tensor, attention_mask: Tensor, labels: Tensor
+        self,
+        video: VideoFeatures,
+        input_ids: Tensor,
+        attention_mask: Tensor,
+        labels: Tensor,
+        question: Question | None = None,
     ) -> Tensor:
         """Stages 2-4: next-token loss on the answer tokens (labels mask the prompt)."""
         output = self.llm(
-            inputs_embeds=self.llm_inputs(video, input_ids),
+            inputs_embeds=self.llm_inputs(video, input_ids, question=question),
             attention_mask=attention_mask,
             position_ids=position_ids_from_mask(attention_mask),
             labels=labels,
@@ -431,19 +485,33 @@ class DamoModel(nn.Module):
         max_new_tokens: int = 64,
         greedy: bool = True,
         soft_prompt: Tensor | None = None,
+        fusion: Tensor | None = None,
         **generate_kwargs,
     ) -> list[str]:
         """Answer one prompt per video, batched (left padding); greedy decoding by default.
 
         `soft_prompt` (B, K, H) stands in for `video` when the caller has the pathway's output
-        already (see `llm_inputs`)."""
+        already (see `llm_inputs`); when the bridge reads the question, `fusion` (B, F, D)
+        does instead (`per_video_state`), and the bridge runs here on each prompt."""
         self.require_llm()
         if self.prompt_builder is None:
             raise RuntimeError("no tokenizer: build the model with pretrained=True")
-        videos = soft_prompt.shape[0] if soft_prompt is not None else video.visual.shape[0]
+        given = next((t for t in (soft_prompt, fusion) if t is not None), None)
+        videos = given.shape[0] if given is not None else video.visual.shape[0]
         if len(prompts) != videos:
             raise ValueError(f"{len(prompts)} prompts for {videos} videos")
         device = self.pathway.bridge.queries.device
+        if soft_prompt is None and self.reads_question:
+            question = self.encode_questions(prompts)
+            if fusion is not None:
+                soft_prompt = self.pathway.bridge(fusion.to(device), question)
+            else:
+                soft_prompt = self.soft_prompt(video.to(device), question)
+        elif soft_prompt is None and fusion is not None:
+            raise ValueError(
+                "fusion tokens stand in for the video only when the bridge reads "
+                "the question (model.bridge.read_question)"
+            )
         inputs = self.prompt_builder.prompts(prompts)
         output = self.generate_ids(
             video.to(device) if soft_prompt is None else None,
@@ -482,6 +550,11 @@ class DamoModel(nn.Module):
             suppress_tokens=[self.video_token_id],
             **generate_kwargs,
         )  # (B, new tokens): with inputs_embeds only the continuation comes back
+
+
+def question_texts(prompts: list[str], video_token: str) -> list[str]:
+    """The question's words without the `<video>` placeholder a caller may have put in."""
+    return [" ".join(prompt.replace(video_token, " ").split()) for prompt in prompts]
 
 
 def negative_captions(batch: dict[str, Tensor]) -> tuple[Tensor, Tensor, Tensor] | None:

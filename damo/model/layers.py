@@ -129,7 +129,12 @@ class QueryLayer(nn.Module):
         context: Tensor,
         attn_mask: Tensor | None = None,
         self_attn_mask: Tensor | None = None,
+        prefix: Tensor | None = None,
     ) -> Tensor:
-        queries = queries + self.self_attn(self.self_norm(queries), attn_mask=self_attn_mask)
+        """`prefix` (B, P, D): more keys for the self-attention, read but never updated (the
+        bridge's question); `self_attn_mask` then covers queries + prefix."""
+        normed = self.self_norm(queries)
+        keys = normed if prefix is None else torch.cat([normed, prefix], dim=1)  # (B, Nq+P, D)
+        queries = queries + self.self_attn(normed, keys, attn_mask=self_attn_mask)
         queries = self.cross(queries, context, attn_mask)
         return queries + self.ffn(self.ffn_norm(queries))

@@ -24,6 +24,10 @@ from damo.model.layers import (
     sinusoidal_embedding,
 )
 
+# The question the bridge reads (`read_question`): its frozen text-encoder states (B, S, Dt)
+# and their mask (B, S), True for real tokens.
+Question = tuple[Tensor, Tensor]
+
 
 @dataclass
 class VideoFeatures:
@@ -287,24 +291,42 @@ class TFuseformer(nn.Module):
 
 
 class Bridge(nn.Module):
-    """A small Q-Former over the fusion tokens, then a linear to the LLM width (the soft prompt)."""
+    """A small Q-Former over the fusion tokens, then a linear to the LLM width (the soft prompt).
 
-    def __init__(self, dim: int, llm_dim: int, cfg: BridgeConfig, ffn_mult: int = 4):
+    With `text_dim` (`read_question`) the queries' self-attention also reads the question's
+    text-encoder states, projected to the bridge's width, as InstructBLIP's Q-Former reads the
+    instruction: the soft prompt can then pick out the event the question names. Without a
+    question (stage 1, the anchor) the queries read only each other."""
+
+    def __init__(
+        self, dim: int, llm_dim: int, cfg: BridgeConfig, ffn_mult: int = 4, text_dim: int = 0
+    ):
         super().__init__()
         self.queries = nn.Parameter(torch.randn(cfg.queries, dim) * 0.02)
         self.layers = nn.ModuleList(QueryLayer(dim, cfg.heads, ffn_mult) for _ in range(cfg.depth))
         self.norm = nn.LayerNorm(dim)
         self.to_llm = nn.Linear(dim, llm_dim)
+        self.question = None
+        if cfg.read_question:
+            if not text_dim:
+                raise ValueError("a bridge that reads the question needs the text width")
+            self.question = nn.Sequential(nn.Linear(text_dim, dim), nn.LayerNorm(dim))
 
-    def query_states(self, fusion: Tensor) -> Tensor:
+    def query_states(self, fusion: Tensor, question: Question | None = None) -> Tensor:
         """(B, F, D) -> (B, K, D): what the stage-1 heads and the LLM projection read."""
         queries = self.queries.expand(fusion.shape[0], -1, -1)  # (B, K, D)
+        prefix = self_attn_mask = None
+        if self.question is not None and question is not None:
+            states, mask = question  # (B, S, Dt), (B, S)
+            prefix = self.question(states.to(queries.dtype))  # (B, S, D)
+            every_query = mask.new_ones(mask.shape[0], queries.shape[1])  # (B, K)
+            self_attn_mask = torch.cat([every_query, mask], dim=1).bool()[:, None, None, :]
         for layer in self.layers:
-            queries = layer(queries, fusion)
+            queries = layer(queries, fusion, self_attn_mask=self_attn_mask, prefix=prefix)
         return self.norm(queries)
 
-    def forward(self, fusion: Tensor) -> Tensor:
-        return self.to_llm(self.query_states(fusion))  # (B, K, H)
+    def forward(self, fusion: Tensor, question: Question | None = None) -> Tensor:
+        return self.to_llm(self.query_states(fusion, question))  # (B, K, H)
 
 
 class VideoPathway(nn.Module):
@@ -321,6 +343,7 @@ class VideoPathway(nn.Module):
         temporal: TemporalConfig,
         fuseformer: FuseformerConfig,
         bridge: BridgeConfig,
+        text_dim: int = 0,
     ):
         super().__init__()
         width = fuseformer.width
@@ -337,7 +360,7 @@ class VideoPathway(nn.Module):
         self.visual_temporal = TemporalPathway(width, temporal, convolve=True, slots=visual_slots)
         self.audio_temporal = TemporalPathway(width, temporal, convolve=False, slots=audio_slots)
         self.fuseformer = TFuseformer(fuseformer)
-        self.bridge = Bridge(width, llm_dim, bridge, fuseformer.ffn_mult)
+        self.bridge = Bridge(width, llm_dim, bridge, fuseformer.ffn_mult, text_dim)
 
     def fusion_tokens(self, video: VideoFeatures) -> Tensor:
         """(B, F, D) fusion tokens from encoder features."""
@@ -361,5 +384,5 @@ class VideoPathway(nn.Module):
     def query_states(self, video: VideoFeatures) -> Tensor:
         return self.bridge.query_states(self.fusion_tokens(video))  # (B, K, D)
 
-    def forward(self, video: VideoFeatures) -> Tensor:
-        return self.bridge(self.fusion_tokens(video))  # (B, K, H): the soft prompt
+    def forward(self, video: VideoFeatures, question: Question | None = None) -> Tensor:
+        return self.bridge(self.fusion_tokens(video), question)  # (B, K, H): the soft prompt

@@ -46,7 +46,9 @@ class SoftPromptCache:
 
     The soft prompt depends on the video and the checkpoint only, never on the question, so a
     further question about a video skips the pathway, and a batch runs it once per distinct
-    video. Entries are (K, H) tensors on the model's device."""
+    video. Entries are (K, H) tensors on the model's device. When the bridge reads the
+    question (`model.bridge.read_question`) the entries are the fusion tokens (F, D) instead,
+    and only the small bridge runs per question (`DamoModel.per_video_state`)."""
 
     def __init__(self, capacity: int):
         self._prompts: LruCache[Any] = LruCache(capacity)
@@ -81,7 +83,8 @@ class Answerer:
         self.soft_prompt_cache = SoftPromptCache(cfg.serve.soft_prompt_cache_items)
 
     def pathway(self, rows: list[VideoFeaturesRow]):
-        """(M, K, H) soft prompts for M videos' encoder features."""
+        """(M, K, H) soft prompts for M videos' encoder features, or (M, F, D) fusion tokens
+        when the bridge reads the question."""
         import torch
 
         from damo.model.video import VideoFeatures
@@ -89,20 +92,21 @@ class Answerer:
         batch = {name: np.stack([row.columns[name] for row in rows]) for name in rows[0].columns}
         video = VideoFeatures.from_batch(video_tensors(batch)).to(self.device)
         with torch.no_grad():
-            return self.model.soft_prompt(video)
+            return self.model.per_video_state(video)
 
     def answer_batch(self, questions: list[Question]) -> list[Answer]:
         """One greedy `generate` for the whole batch (left padding: shapes match per config)."""
         started = time.perf_counter()
-        soft_prompt = self.soft_prompt_cache.soft_prompts(
+        per_video = self.soft_prompt_cache.soft_prompts(
             [q.features for q in questions], self.pathway
-        )  # (B, K, H)
+        )  # (B, K, H), or (B, F, D) fusion tokens
         prompts = [q.prompt for q in questions]
+        given = "fusion" if self.model.reads_question else "soft_prompt"
         texts = self.model.generate(
             None,
             prompts,
             max_new_tokens=max(q.max_new_tokens for q in questions),
-            soft_prompt=soft_prompt,
+            **{given: per_video},
         )
         # a request that asked for fewer tokens than the batch's longest gets its own budget
         texts = [self._truncate(t, q.max_new_tokens) for t, q in zip(texts, questions, strict=True)]

@@ -312,6 +312,7 @@ def train_loop_per_worker(config: dict) -> None:
         model.prompt_builder,
         model.tokenize_text,
         place_negatives_for(place_negatives, anchor=False),
+        tokenize_questions=model.tokenize_questions if model.reads_question else None,
     )
     anchor = None
     if spec.anchored:
