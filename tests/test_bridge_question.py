@@ -34,21 +34,25 @@ def model(tiny_backbones) -> DamoModel:
     return build(tiny_backbones, read_question=True)
 
 
+def extracted_columns(video) -> dict[str, np.ndarray]:
+    """The feature columns the extraction writes, one row per sample of `video`."""
+    bounds = torch.stack([video.audio_times - 0.5, video.audio_times + 0.5], -1)  # (B, M, 2)
+    return {
+        "visual_features": video.visual.numpy(),
+        "frame_times": video.visual_times.numpy(),
+        "audio_features": video.audio.numpy(),
+        "segment_bounds": bounds.numpy(),
+        "has_audio": np.ones(video.visual.shape[0], dtype=bool),
+    }
+
+
 def lm_batch(model: DamoModel, questions: list[str]) -> dict:
     video = random_video(model.cfg, len(questions), generator=torch.Generator().manual_seed(0))
     conversations = [
         [{"role": "user", "content": q}, {"role": "assistant", "content": "from 1.0 to 2.0."}]
         for q in questions
     ]
-    rows = {  # the feature columns the extraction writes
-        "visual_features": video.visual.numpy(),
-        "frame_times": video.visual_times.numpy(),
-        "audio_features": video.audio.numpy(),
-        "segment_bounds": torch.stack(
-            [video.audio_times - 0.5, video.audio_times + 0.5], -1
-        ).numpy(),
-        "has_audio": np.ones(len(questions), dtype=bool),
-    }
+    rows = extracted_columns(video)
     rows["conversation"] = np.array([json.dumps(c) for c in conversations], dtype=object)
     collate = StageCollator("lm", model.prompt_builder, tokenize_questions=model.tokenize_questions)
     return collate(rows)
@@ -133,14 +137,27 @@ def test_fusion_tokens_are_refused_by_a_bridge_that_does_not_read_the_question(t
         plain.generate(None, QUESTIONS[:1], fusion=plain.pathway.fusion_tokens(video))
 
 
-def test_a_checkpoint_keeps_the_choice_and_the_projection(model, tmp_path):
-    video = random_video(model.cfg, 2, generator=torch.Generator().manual_seed(4))
+def test_a_checkpoint_keeps_the_choice_and_serving_answers_per_question(model, tmp_path):
+    from damo.serve.answer import Answerer, Question
+    from damo.serve.featurizer import VideoFeaturesRow
+
+    video = random_video(model.cfg, 1, generator=torch.Generator().manual_seed(4))
     with torch.no_grad():
         for param in model.pathway.bridge.question.parameters():  # not the initial weights
             param.add_(torch.randn_like(param) * 0.1)
     saved = save_checkpoint(model, tmp_path / "ckpt", stage=3)
     loaded = load_checkpoint(saved).eval()
     assert loaded.reads_question
-    assert loaded.generate(video, QUESTIONS[:2], max_new_tokens=10) == model.generate(
-        video, QUESTIONS[:2], max_new_tokens=10
+    twice = video.__class__(
+        **{k: getattr(video, k).expand(2, *getattr(video, k).shape[1:]) for k in video.KEYS}
     )
+    expected = model.generate(twice, QUESTIONS[:2], max_new_tokens=10)
+    assert loaded.generate(twice, QUESTIONS[:2], max_new_tokens=10) == expected
+
+    # serving: two questions about one video, one pathway run, each its own soft prompt
+    answerer = Answerer(load_config("tiny"), str(saved))
+    columns = {name: column[0] for name, column in extracted_columns(video).items()}
+    features = VideoFeaturesRow("clip", columns, duration=20.0)
+    answers = answerer.answer_batch([Question(features, q, 10) for q in QUESTIONS[:2]])
+    assert [a.text for a in answers] == expected
+    assert answerer.soft_prompt_cache.computed == 1
