@@ -116,7 +116,11 @@ def test_generation_batched_one_by_one_and_from_cached_fusion_tokens_agree(model
     with torch.no_grad():
         fusion = model.per_video_state(video)  # what serving keeps per video
     assert fusion.shape == (3, model.cfg.fuseformer.fusion_tokens, model.cfg.fuseformer.width)
-    assert model.generate(None, QUESTIONS, max_new_tokens=10, fusion=fusion) == batched
+    assert model.generate(None, QUESTIONS, max_new_tokens=10, video_state=fusion) == batched
+    with torch.no_grad(), pytest.raises(ValueError, match="fusion tokens"):
+        # a soft prompt already made for other questions cannot be reused for these
+        soft = model.soft_prompt(video, model.encode_questions(QUESTIONS))
+        model.generate(None, QUESTIONS, max_new_tokens=10, video_state=soft)
     # a `<video>` placeholder in the prompt is not part of the question
     placed = [f"{model.cfg.llm.video_token} {q}" for q in QUESTIONS]
     with torch.no_grad():
@@ -128,13 +132,20 @@ def test_generation_batched_one_by_one_and_from_cached_fusion_tokens_agree(model
         )
 
 
+def test_a_cut_question_warns_as_a_question(model):
+    from damo.model.damo import CaptionTruncated
+
+    with pytest.warns(CaptionTruncated, match="^questions longer"):
+        model.tokenize_questions([" ".join(["when is the red square seen?"] * 30)])
+
+
 def test_fusion_tokens_are_refused_by_a_bridge_that_does_not_read_the_question(tiny_backbones):
     plain = build(tiny_backbones, read_question=False)
     video = random_video(plain.cfg, 1, generator=torch.Generator().manual_seed(3))
     assert plain.per_video_state(video).shape[1] == plain.cfg.bridge.queries  # the soft prompt
     assert not any("bridge.question" in n for n, _ in plain.named_parameters())
-    with pytest.raises(ValueError, match="read_question"):
-        plain.generate(None, QUESTIONS[:1], fusion=plain.pathway.fusion_tokens(video))
+    with pytest.raises(ValueError, match="the soft prompt"):
+        plain.generate(None, QUESTIONS[:1], video_state=plain.pathway.fusion_tokens(video))
 
 
 def test_a_checkpoint_keeps_the_choice_and_serving_answers_per_question(model, tmp_path):

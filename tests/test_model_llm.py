@@ -141,7 +141,7 @@ def test_batched_greedy_generation_matches_one_by_one(model):
     # the pathway's output, computed once and given back (serving caches it per video)
     with torch.no_grad():
         soft = model.soft_prompt(video)  # (3, K, H)
-    assert model.generate(None, prompts, max_new_tokens=12, soft_prompt=soft) == batched
+    assert model.generate(None, prompts, max_new_tokens=12, video_state=soft) == batched
 
 
 def test_embed_video_and_text_share_a_unit_space(model):

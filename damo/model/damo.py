@@ -49,7 +49,8 @@ OWNED_PREFIXES = ("pathway.", "heads.")
 
 
 class CaptionTruncated(UserWarning):
-    """Captions longer than the model's text limits lose their ends."""
+    """Text longer than the model's text limits (captions, or the questions the bridge reads)
+    loses its end."""
 
 
 class DamoModel(nn.Module):
@@ -306,7 +307,9 @@ class DamoModel(nn.Module):
 
     def tokenize_questions(self, prompts: list[str]) -> dict[str, Tensor]:
         """First user turns -> question_input_ids / question_attention_mask (text encoder)."""
-        tokens = self.tokenize_text(question_texts(prompts, self.cfg.llm.video_token))
+        tokens = self.tokenize_text(
+            question_texts(prompts, self.cfg.llm.video_token), what="questions"
+        )
         return {
             "question_input_ids": tokens["text_input_ids"],
             "question_attention_mask": tokens["text_attention_mask"],
@@ -321,7 +324,7 @@ class DamoModel(nn.Module):
     def per_video_state(self, video: VideoFeatures) -> Tensor:
         """What a server may keep per video and reuse for every question about it: the soft
         prompt (B, K, H), or the fusion tokens (B, F, D) when the bridge reads the question
-        (the bridge is then run per question, see `generate`'s `fusion`)."""
+        (the bridge then runs per question: `generate`'s `video_state`)."""
         if self.reads_question:
             return self.pathway.fusion_tokens(video)
         return self.soft_prompt(video)
@@ -439,8 +442,9 @@ class DamoModel(nn.Module):
         return output.loss
 
     # ---- retrieval -------------------------------------------------------------------------
-    def tokenize_text(self, texts: list[str]) -> dict[str, Tensor]:
-        """Captions -> text_input_ids / text_attention_mask for the text encoder and VTG."""
+    def tokenize_text(self, texts: list[str], what: str = "captions") -> dict[str, Tensor]:
+        """Captions (or the bridge's questions, `what`) -> text_input_ids /
+        text_attention_mask for the text encoder and VTG."""
         if self.text_tokenizer is None:
             raise RuntimeError("no text tokenizer: build the model with pretrained=True")
         max_length = min(self.cfg.text_encoder.max_length, self.cfg.heads.vtg_max_length + 1)
@@ -448,7 +452,7 @@ class DamoModel(nn.Module):
         if max(lengths, default=0) > max_length:
             warnings.warn(
                 # one message per limit, so the warning shows once, not once per batch
-                f"captions longer than the {max_length} tokens the text encoder and VTG keep "
+                f"{what} longer than the {max_length} tokens the text encoder and VTG keep "
                 "lose their ends; raise model.text_encoder.max_length and "
                 "model.heads.vtg_max_length",
                 CaptionTruncated,
@@ -484,48 +488,55 @@ class DamoModel(nn.Module):
         prompts: list[str],
         max_new_tokens: int = 64,
         greedy: bool = True,
-        soft_prompt: Tensor | None = None,
-        fusion: Tensor | None = None,
+        video_state: Tensor | None = None,
         **generate_kwargs,
     ) -> list[str]:
         """Answer one prompt per video, batched (left padding); greedy decoding by default.
 
-        `soft_prompt` (B, K, H) stands in for `video` when the caller has the pathway's output
-        already (see `llm_inputs`); when the bridge reads the question, `fusion` (B, F, D)
-        does instead (`per_video_state`), and the bridge runs here on each prompt."""
+        `video_state` stands in for `video` when the caller kept `per_video_state(video)`
+        (serving caches it per video): the soft prompt, or the fusion tokens that the bridge
+        turns into one soft prompt per prompt when it reads the question."""
         self.require_llm()
         if self.prompt_builder is None:
             raise RuntimeError("no tokenizer: build the model with pretrained=True")
-        given = next((t for t in (soft_prompt, fusion) if t is not None), None)
-        videos = given.shape[0] if given is not None else video.visual.shape[0]
-        if len(prompts) != videos:
-            raise ValueError(f"{len(prompts)} prompts for {videos} videos")
         device = self.pathway.bridge.queries.device
-        if soft_prompt is None and self.reads_question:
-            question = self.encode_questions(prompts)
-            if fusion is not None:
-                soft_prompt = self.pathway.bridge(fusion.to(device), question)
-            else:
-                soft_prompt = self.soft_prompt(video.to(device), question)
-        elif soft_prompt is None and fusion is not None:
-            raise ValueError(
-                "fusion tokens stand in for the video only when the bridge reads "
-                "the question (model.bridge.read_question)"
-            )
+        if video_state is None:
+            video_state = self.per_video_state(video.to(device))
+        if len(prompts) != video_state.shape[0]:
+            raise ValueError(f"{len(prompts)} prompts for {video_state.shape[0]} videos")
+        soft_prompt = self.soft_prompt_from_state(video_state.to(device), prompts)
         inputs = self.prompt_builder.prompts(prompts)
         output = self.generate_ids(
-            video.to(device) if soft_prompt is None else None,
+            None,
             inputs["input_ids"].to(device),
             inputs["attention_mask"].to(device),
             max_new_tokens=max_new_tokens,
             greedy=greedy,
-            soft_prompt=soft_prompt.to(device) if soft_prompt is not None else None,
+            soft_prompt=soft_prompt,
             pad_token_id=self.prompt_builder.pad_token_id,
             eos_token_id=self.tokenizer.eos_token_id,
             **generate_kwargs,
         )
         texts = self.tokenizer.batch_decode(output, skip_special_tokens=True)
         return [text.strip() for text in texts]
+
+    def soft_prompt_from_state(self, video_state: Tensor, prompts: list[str]) -> Tensor:
+        """(B, K, H) soft prompts from `per_video_state`'s output and the prompts."""
+        if self.reads_question:
+            expected, name = (self.cfg.fuseformer.fusion_tokens, self.cfg.fuseformer.width), (
+                "the fusion tokens, as the bridge reads the question"
+            )
+        else:
+            expected = (self.cfg.bridge.queries, self.llm.get_input_embeddings().embedding_dim)
+            name = "the soft prompt"
+        if tuple(video_state.shape[1:]) != expected:
+            raise ValueError(
+                f"the video state must be {name}: (B, {expected[0]}, {expected[1]}), not "
+                f"{tuple(video_state.shape)}; take it from per_video_state"
+            )
+        if not self.reads_question:
+            return video_state
+        return self.pathway.bridge(video_state, self.encode_questions(prompts))
 
     @torch.no_grad()
     def generate_ids(

@@ -101,12 +101,11 @@ class Answerer:
             [q.features for q in questions], self.pathway
         )  # (B, K, H), or (B, F, D) fusion tokens
         prompts = [q.prompt for q in questions]
-        given = "fusion" if self.model.reads_question else "soft_prompt"
         texts = self.model.generate(
             None,
             prompts,
             max_new_tokens=max(q.max_new_tokens for q in questions),
-            **{given: per_video},
+            video_state=per_video,
         )
         # a request that asked for fewer tokens than the batch's longest gets its own budget
         texts = [self._truncate(t, q.max_new_tokens) for t, q in zip(texts, questions, strict=True)]
