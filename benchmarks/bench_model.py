@@ -51,7 +51,7 @@ def main() -> None:
             {"role": "assistant", "content": "from 3.5 to 5.5 seconds."},
         ]
     ] * 2
-    batch.update(model.prompt_builder(turns))
+    batch.update(model.conversation_inputs(turns))
     batch.update(model.tokenize_text(["a high tone is heard from 3.5 to 5.5 seconds."] * 2))
     results = {}
     for threads in (1, 2):

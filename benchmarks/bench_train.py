@@ -33,7 +33,7 @@ def step_loop(cfg, table, steps: int, batch_size: int, on_the_fly: bool) -> floa
     model = DamoModel.from_config(cfg.model)
     params = model.set_stage(3)
     optimizer = torch.optim.AdamW(params, lr=1e-4)
-    collate = StageCollator("lm", model.prompt_builder, model.tokenize_text)
+    collate = StageCollator("lm", model.conversation_inputs, model.tokenize_text)
     encode = EncodeFeatures(cfg, feature_config_hash(cfg), cfg.storage.s3) if on_the_fly else None
     conversation = json.dumps(
         [

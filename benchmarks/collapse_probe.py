@@ -286,7 +286,7 @@ def main() -> None:
     torch.manual_seed(0)
     model = DamoModel.from_config(cfg.model)
     align = StageCollator("alignment", tokenize_text=model.tokenize_text)
-    lm = StageCollator("lm", model.prompt_builder)
+    lm = StageCollator("lm", model.conversation_inputs)
     captions = Examples(split["train"], TASKS[1], features)
     val_rows = np.unique(Examples(split["val"], TASKS[1], features).rows)
     results: dict = {"clips": args.clips, "steps": args.steps, "lr": args.lr, "variants": {}}

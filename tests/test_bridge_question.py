@@ -54,7 +54,7 @@ def lm_batch(model: DamoModel, questions: list[str]) -> dict:
     ]
     rows = extracted_columns(video)
     rows["conversation"] = np.array([json.dumps(c) for c in conversations], dtype=object)
-    collate = StageCollator("lm", model.prompt_builder, tokenize_questions=model.tokenize_questions)
+    collate = StageCollator("lm", model.conversation_inputs)
     return collate(rows)
 
 

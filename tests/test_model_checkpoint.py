@@ -49,7 +49,7 @@ def saved(trained, tmp_path_factory) -> Path:
 def outputs(model: DamoModel) -> dict[str, torch.Tensor]:
     video = random_video(model.cfg, 2, generator=torch.Generator().manual_seed(7))
     batch = video.as_batch()
-    batch.update(model.prompt_builder(CONVERSATIONS))
+    batch.update(model.conversation_inputs(CONVERSATIONS))
     batch.update(model.tokenize_text(["a red square.", "a low tone."]))
     with torch.no_grad():
         return {

@@ -105,7 +105,7 @@ def test_left_and_right_padding_give_the_same_loss_and_logits(model):
     results = {}
     for side in ("left", "right"):
         batch = video.as_batch()
-        batch.update(model.prompt_builder(CONVERSATIONS, padding_side=side))
+        batch.update(model.conversation_inputs(CONVERSATIONS, padding_side=side))
         with torch.no_grad():
             loss = model(batch, stage=3)["loss"]
             embeds = model.llm_inputs(video, batch["input_ids"])
@@ -140,8 +140,8 @@ def test_batched_greedy_generation_matches_one_by_one(model):
         model.generate(video, prompts[:2])
     # the pathway's output, computed once and given back (serving caches it per video)
     with torch.no_grad():
-        soft = model.soft_prompt(video)  # (3, K, H)
-    assert model.generate(None, prompts, max_new_tokens=12, video_state=soft) == batched
+        state = model.per_video_state(video)
+    assert model.generate(None, prompts, max_new_tokens=12, video_state=state) == batched
 
 
 def test_embed_video_and_text_share_a_unit_space(model):

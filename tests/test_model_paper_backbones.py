@@ -375,6 +375,9 @@ def test_gradient_checkpointing_switches_keep_the_gradients():
         labels = torch.cat([torch.full((2, k), -100), text], dim=1)
         batch = {**video.as_batch(), "input_ids": input_ids, "labels": labels}
         batch["attention_mask"] = torch.ones_like(input_ids)
+        if model.reads_question:  # no text tokenizer without pretrained weights: any ids
+            batch["question_input_ids"] = torch.randint(0, 200, (2, 5))
+            batch["question_attention_mask"] = torch.ones(2, 5, dtype=torch.long)
         model(batch, stage=3)["loss"].backward()
         grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
         return grads, calls, model

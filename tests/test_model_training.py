@@ -51,7 +51,7 @@ def make_batch(model: DamoModel, count: int, seed: int = 0) -> dict[str, torch.T
     conversations = [
         [{"role": "user", "content": q}, {"role": "assistant", "content": a}] for q, a in pairs
     ]
-    batch.update(model.prompt_builder(conversations))
+    batch.update(model.conversation_inputs(conversations))  # with the question the bridge reads
     batch.update(model.tokenize_text([f"{q} {a}" for q, a in pairs]))
     return batch
 

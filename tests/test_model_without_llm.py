@@ -55,7 +55,7 @@ def test_stage1_never_loads_the_llm_and_its_checkpoint_feeds_stage2(
     conversations = [
         [{"role": "user", "content": "what is seen?"}, {"role": "assistant", "content": "red."}]
     ] * 2
-    lm = full({**video_batch(cfg, 2), **full.prompt_builder(conversations)}, 2)
+    lm = full({**video_batch(cfg, 2), **full.conversation_inputs(conversations)}, 2)
     assert torch.isfinite(lm["loss"])
     lm["loss"].backward()
     assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in full.trainable_parameters(2))

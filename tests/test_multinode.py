@@ -227,7 +227,7 @@ def driver_val_loss(cfg, checkpoint_uri: str, stage: int, storage: Storage):
         storage,
         feature_config_hash(cfg),
     )
-    collate = StageCollator(spec.objective, model.prompt_builder, model.tokenize_text)
+    collate = StageCollator(spec.objective, model.conversation_inputs, model.tokenize_text)
     terms = []
     with torch.no_grad():
         for batch in dataset.iter_torch_batches(batch_size=1, collate_fn=collate):

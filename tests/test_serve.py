@@ -57,7 +57,7 @@ def train_grounding_checkpoint(cfg, world: Path, out: Path, steps: int = 40) -> 
         }
         batch = {
             **video_tensors(columns),
-            **model.prompt_builder([conversation(r) for r in chosen]),
+            **model.conversation_inputs([conversation(r) for r in chosen]),
         }
         loss = model(batch, stage=3)["loss"]
         optimizer.zero_grad()

@@ -63,7 +63,7 @@ def test_each_stage_yields_batches_the_model_trains_on(
     assert report.unmatched == 0 and report.matched > 0
     assert dataset.count() == report.matched
     objective = model.cfg.stages.get(stage).objective
-    collate = StageCollator(objective, model.prompt_builder, model.tokenize_text)
+    collate = StageCollator(objective, model.conversation_inputs, model.tokenize_text)
     batch = next(iter(dataset.iter_torch_batches(batch_size=4, collate_fn=collate)))
     frames, segments = model.cfg.frames, model.cfg.audio_segments  # tiny: 16 and 16
     assert batch["visual"].shape == (4, frames, 17, 32)
@@ -215,7 +215,7 @@ def test_an_anchored_lm_stage_trains_the_stage1_heads_on_captions(
             str(tiny_features), records_uri, STAGES[stage], storage, feature_hash
         )
         objective = model.cfg.stages.get(stage).objective
-        collate = StageCollator(objective, model.prompt_builder, model.tokenize_text)
+        collate = StageCollator(objective, model.conversation_inputs, model.tokenize_text)
         batches[stage] = next(iter(dataset.iter_torch_batches(batch_size=4, collate_fn=collate)))
     names = {id(p): n for n, p in model.named_parameters()}
     plain = {names[id(p)] for p in model.set_stage(3)}

@@ -302,28 +302,25 @@ class StageCollator:
     alignment: captions through the text encoder's tokenizer (`tokenize_text`), and with
     `negative_caption` (caption -> its hard negative, or None) each caption's negative as
     `negative_text_*`, with `has_negative`;
-    lm: conversations through the LLM's chat template (`prompt_builder`), answers as labels;
-    with `tokenize_questions` (a bridge that reads the question) each conversation's first user
-    turn as well, as `question_*`.
+    lm: conversations through `conversation_inputs` (`DamoModel.conversation_inputs`: the chat
+    template, answers as labels, and the question when the bridge reads it).
     """
 
     def __init__(
         self,
         objective: str,
-        prompt_builder=None,
+        conversation_inputs=None,
         tokenize_text=None,
         negative_caption=None,
-        tokenize_questions=None,
     ):
         if objective == "alignment" and tokenize_text is None:
             raise ValueError("the alignment objective needs tokenize_text")
-        if objective == "lm" and prompt_builder is None:
-            raise ValueError("the lm objective needs a prompt_builder")
+        if objective == "lm" and conversation_inputs is None:
+            raise ValueError("the lm objective needs conversation_inputs")
         self.objective = objective
-        self.prompt_builder = prompt_builder
+        self.conversation_inputs = conversation_inputs
         self.tokenize_text = tokenize_text
         self.negative_caption = negative_caption
-        self.tokenize_questions = tokenize_questions
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict:
         out = video_tensors(batch)
@@ -343,11 +340,5 @@ class StageCollator:
                 )
         else:
             conversations = [json.loads(str(c)) for c in batch["conversation"]]
-            out.update(self.prompt_builder(conversations))
-            if self.tokenize_questions is not None:
-                first_user = [
-                    next(turn["content"] for turn in c if turn["role"] == "user")
-                    for c in conversations
-                ]
-                out.update(self.tokenize_questions(first_user))
+            out.update(self.conversation_inputs(conversations))
         return out

@@ -315,6 +315,20 @@ class DamoModel(nn.Module):
             "question_attention_mask": tokens["text_attention_mask"],
         }
 
+    def conversation_inputs(
+        self, conversations: list[list[dict]], padding_side: str = "right"
+    ) -> dict[str, Tensor]:
+        """An LM batch's text: the conversations through the chat template (input_ids,
+        attention_mask, labels on the answers), and, when the bridge reads the question, each
+        conversation's first user turn as `question_*`."""
+        if self.prompt_builder is None:
+            raise RuntimeError("no tokenizer: build the model with pretrained=True")
+        inputs = self.prompt_builder(conversations, padding_side=padding_side)
+        if self.reads_question:
+            first_user = [next(t for t in c if t["role"] == "user") for c in conversations]
+            inputs.update(self.tokenize_questions([turn["content"] for turn in first_user]))
+        return inputs
+
     def encode_questions(self, prompts: list[str]) -> Question:
         """The questions' frozen text-encoder states (B, S, Dt) and mask (B, S)."""
         device = self.pathway.bridge.queries.device

@@ -309,10 +309,9 @@ def train_loop_per_worker(config: dict) -> None:
     place_negatives = cfg.model.heads.place_negatives
     collate = StageCollator(
         spec.objective,
-        model.prompt_builder,
+        model.conversation_inputs,
         model.tokenize_text,
         place_negatives_for(place_negatives, anchor=False),
-        tokenize_questions=model.tokenize_questions if model.reads_question else None,
     )
     anchor = None
     if spec.anchored:
