@@ -79,8 +79,10 @@ def test_the_batch_vocabulary_ranks_each_token_against_the_batchs_own_words():
 
 
 def test_the_vtg_vocabulary_comes_from_config():
-    assert load_config("tiny").model.heads.vtg_vocabulary == "full"
-    batch = load_config("tiny", ["model.heads.vtg_vocabulary=batch"]).model.heads
-    assert heads()["batch"].batch_vocabulary and batch.vtg_vocabulary == "batch"
+    assert load_config("tiny").model.heads.vtg_vocabulary == "batch"  # the preset's anchor
+    assert load_config("paper").model.heads.vtg_vocabulary == "full"
+    full = load_config("tiny", ["model.heads.vtg_vocabulary=full"]).model.heads
+    assert full.vtg_vocabulary == "full"
+    assert heads()["batch"].batch_vocabulary and not heads()["full"].batch_vocabulary
     with pytest.raises(ValueError, match="vtg_vocabulary"):
         load_config("tiny", ["model.heads.vtg_vocabulary=sampled"])
