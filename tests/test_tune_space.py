@@ -114,6 +114,7 @@ def test_every_extreme_builds_a_tiny_video_pathway(name):
             cfg.temporal,
             cfg.fuseformer,
             cfg.bridge,
+            text_dim=int(cfg.text_encoder.arch["hidden_size"]),  # the bridge reads the question
         )
         video = random_video(cfg, batch=1, generator=torch.Generator().manual_seed(0))
         with torch.no_grad():
