@@ -132,6 +132,21 @@ def test_generation_batched_one_by_one_and_from_cached_fusion_tokens_agree(model
         )
 
 
+def test_a_prompt_count_that_does_not_match_the_videos_fails_before_the_pathway_runs(
+    model, monkeypatch
+):
+    video = random_video(model.cfg, 2, generator=torch.Generator().manual_seed(5))
+
+    def pathway_must_not_run(*args, **kwargs):
+        raise AssertionError("the pathway ran before the prompt count was checked")
+
+    monkeypatch.setattr(model, "per_video_state", pathway_must_not_run)
+    with pytest.raises(ValueError, match="3 prompts for 2 videos"):
+        model.generate(video, QUESTIONS, max_new_tokens=4)
+    with pytest.raises(ValueError, match="features or its per_video_state"):
+        model.generate(None, QUESTIONS, max_new_tokens=4)
+
+
 def test_a_cut_question_warns_as_a_question(model):
     from damo.model.damo import CaptionTruncated
 

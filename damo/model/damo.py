@@ -513,11 +513,15 @@ class DamoModel(nn.Module):
         self.require_llm()
         if self.prompt_builder is None:
             raise RuntimeError("no tokenizer: build the model with pretrained=True")
+        if video is None and video_state is None:
+            raise ValueError("generate needs the video's features or its per_video_state")
+        # checked before the pathway runs, so a mismatched call costs nothing
+        videos = (video.visual if video_state is None else video_state).shape[0]
+        if len(prompts) != videos:
+            raise ValueError(f"{len(prompts)} prompts for {videos} videos")
         device = self.pathway.bridge.queries.device
         if video_state is None:
             video_state = self.per_video_state(video.to(device))
-        if len(prompts) != video_state.shape[0]:
-            raise ValueError(f"{len(prompts)} prompts for {video_state.shape[0]} videos")
         soft_prompt = self.soft_prompt_from_state(video_state.to(device), prompts)
         inputs = self.prompt_builder.prompts(prompts)
         output = self.generate_ids(
