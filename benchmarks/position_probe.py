@@ -3,8 +3,9 @@
 Position questions ("where is the yellow square?") stay at chance (25%) on the learning bar.
 This asks each representation on the way to the LLM whether it still holds the answer: a
 linear probe (logistic regression) is trained on the training world's videos and scored on the
-held-out world's, for the quadrant and the colour of each clip's first shape (the colour is the
-control: the model answers colour questions well above chance).
+held-out world's, for the quadrant, the colour and the shape of each clip's first shape (the
+colour is the control: the model answers colour questions well above chance; the shape says
+whether the frozen encoder's features hold what shape questions ask).
 
 Representations, in the order the model computes them:
 - the frozen encoder's patches at the first shape's middle frame, pooled to the residual's grid
@@ -40,11 +41,12 @@ import numpy as np
 QUADRANTS = ("in the top left.", "in the top right.", "in the bottom left.", "in the bottom right.")
 WHERE = re.compile(r"where is the (\w+) (\w+)\?")
 WHEN = re.compile(r"when does the (\w+) (\w+) appear\?")
+PROBED = ("quadrant", "colour", "shape")
 TENSOR_COLUMNS = ("visual_features", "audio_features", "frame_times", "segment_bounds")
 
 
 def first_shapes(records: list[dict]) -> dict[str, dict]:
-    """video_uri -> the first shape to appear: its colour, quadrant and span."""
+    """video_uri -> the first shape to appear: its colour, shape, quadrant and span."""
     places: dict[tuple[str, str, str], str] = {}
     spans: dict[str, list[tuple[float, float, str, str]]] = {}
     for record in records:
@@ -58,7 +60,12 @@ def first_shapes(records: list[dict]) -> dict[str, dict]:
         start, end, colour, shape = min(events)
         place = places.get((video, colour, shape))
         if place in QUADRANTS:
-            first[video] = {"colour": colour, "quadrant": place, "span": (start, end)}
+            first[video] = {
+                "colour": colour,
+                "shape": shape,
+                "quadrant": place,
+                "span": (start, end),
+            }
     return first
 
 
@@ -125,9 +132,12 @@ def probe_accuracy(train_x, train_y, test_x, test_y, steps: int = 400) -> float:
         return float((linear(test_x).argmax(1) == test_y).float().mean()) * 100
 
 
-def run_arguments(description: str, out: str) -> argparse.Namespace:
-    """The options of a script that reads one learning-bar run from the bar's cache."""
+def run_arguments(description: str, out: str, more=None) -> argparse.Namespace:
+    """The options of a script that reads one learning-bar run from the bar's cache; `more`
+    adds a script's own to the parser."""
     parser = argparse.ArgumentParser(description=description)
+    if more is not None:
+        more(parser)
     parser.add_argument("--run", required=True, help="a learning-bar run id (its checkpoints)")
     parser.add_argument(
         "--cache",
@@ -160,7 +170,12 @@ def bar_run(cache: Path, run: str):
         )
         if not finished:
             raise SystemExit(f"{run}: no run of that name with a finished stage in {cache}")
-        yield storage, manifest, finished, DamoConfig.model_validate(manifest["config"])
+        cfg = DamoConfig.model_validate(manifest["config"])
+        # the manifest's copy of the config has its secret redacted: the server's own
+        cfg = cfg.model_copy(
+            update={"storage": cfg.storage.model_copy(update={"s3": state.s3_config()})}
+        )
+        yield storage, manifest, finished, cfg
 
 
 def feature_shapes(cfg) -> dict[str, tuple[int, ...]]:
@@ -220,8 +235,8 @@ def main() -> None:
             d = data[split]
             if what == "quadrant":
                 return np.array([QUADRANTS.index(d["targets"][v]["quadrant"]) for v in d["videos"]])
-            colours = sorted({t["colour"] for s in data.values() for t in s["targets"].values()})
-            return np.array([colours.index(d["targets"][v]["colour"]) for v in d["videos"]])
+            values = sorted({t[what] for s in data.values() for t in s["targets"].values()})
+            return np.array([values.index(d["targets"][v][what]) for v in d["videos"]])
 
         def encoder_cells(split: str, view: str) -> np.ndarray:
             d, out = data[split], []
@@ -317,20 +332,19 @@ def main() -> None:
                 what: round(
                     probe_accuracy(train_x, labels("train", what), test_x, labels("test", what)), 1
                 )
-                for what in ("quadrant", "colour")
+                for what in PROBED
             }
             results[name]["dims"] = int(train_x.shape[1])
             print(f"{name}: {results[name]}", flush=True)
-        test_quadrants = np.bincount(labels("test", "quadrant"), minlength=4)
-        test_colours = np.bincount(labels("test", "colour"))
         summary = {
             "run": args.run,
             "code_version": code_version(),
             "train_videos": len(data["train"]["videos"]),
             "test_videos": len(data["test"]["videos"]),
             "majority": {
-                "quadrant": round(float(100 * test_quadrants.max() / test_quadrants.sum()), 1),
-                "colour": round(float(100 * test_colours.max() / test_colours.sum()), 1),
+                what: round(float(100 * np.bincount(counts).max() / len(counts)), 1)
+                for what in PROBED
+                for counts in [labels("test", what)]
             },
             "probes": results,
             "total_s": round(time.monotonic() - started, 1),
