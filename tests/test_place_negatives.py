@@ -1,5 +1,6 @@
-"""Teaching the pathway where a shape is: captions that say the place, negatives that differ
-only in the place (VTC + VTM), and a learned embedding per token slot (opt-in, off in presets)."""
+"""Teaching the pathway where a shape is and what it is: captions that say the place,
+negatives that differ only in the place or only in the shape (VTC + VTM), and a learned
+embedding per token slot (opt-in, off in presets)."""
 
 from __future__ import annotations
 
@@ -10,12 +11,20 @@ import pytest
 import torch
 
 from damo.config import load_config
-from damo.data.synthetic import POSITIONS, annotations, place_negative, sample_clip
+from damo.data.synthetic import (
+    POSITIONS,
+    SHAPES,
+    annotations,
+    place_negative,
+    sample_clip,
+    shape_negative,
+)
 from damo.data.training import StageCollator
 from damo.model.damo import DamoModel, negative_captions, random_video
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 PLACE = re.compile(r" in the (" + "|".join(POSITIONS) + r")\b")
+SHAPE = re.compile(r"\b(" + "|".join(SHAPES) + r")\b")
 
 
 def captions(places: bool, count: int = 300) -> list[str]:
@@ -168,17 +177,67 @@ def test_the_slot_embedding_tells_a_frame_from_its_mirror_image():
 def test_place_negatives_can_be_kept_to_the_anchor():
     """`model.heads.place_negatives`: true gives stage 1 and the anchor negatives, "anchor"
     the anchor alone; anything else is refused with the field's name."""
-    from damo.train.loop import place_negatives_for
+    from damo.train.loop import caption_negatives_for
 
     caption = "a red square appears in the top left from 1.0 to 4.0 seconds."
     expected = {"false": (None, None), "true": (True, True), "anchor": (None, True)}
-    for value, (own, anchored) in expected.items():
-        setting = load_config("tiny", [f"model.heads.place_negatives={value}"]).model.heads
-        for anchor, wanted in ((False, own), (True, anchored)):
-            negative = place_negatives_for(setting.place_negatives, anchor=anchor)
-            if wanted is None:
-                assert negative is None, (value, anchor)
-            else:
-                assert negative(caption) == place_negative(caption) != caption
-    with pytest.raises(ValueError, match="place_negatives"):
-        load_config("tiny", ["model.heads.place_negatives=stage1"])
+    for field, made_wrong in (("place", place_negative), ("shape", shape_negative)):
+        for value, (own, anchored) in expected.items():
+            heads = load_config("tiny", [f"model.heads.{field}_negatives={value}"]).model.heads
+            for anchor, wanted in ((False, own), (True, anchored)):
+                negative = caption_negatives_for(heads, anchor=anchor)
+                if wanted is None:
+                    assert negative is None, (field, value, anchor)
+                else:
+                    assert negative(caption) == made_wrong(caption) != caption
+        with pytest.raises(ValueError, match=f"{field}_negatives"):
+            load_config("tiny", [f"model.heads.{field}_negatives=stage1"])
+
+
+def test_a_shape_negative_differs_from_its_caption_in_the_shapes_alone():
+    kinds = {"swapped": 0, "changed": 0, "none": 0}
+    for caption in captions(True):
+        negative = shape_negative(caption)
+        shapes = SHAPE.findall(caption)
+        if not shapes:
+            assert negative is None
+            kinds["none"] += 1
+            continue
+        assert negative is not None and negative != caption
+        assert negative == shape_negative(caption)  # the same caption, the same negative
+        wrong = SHAPE.findall(negative)
+        # colours, places, sounds and times kept; as many shapes, one or two of them wrong
+        assert SHAPE.sub("", negative) == SHAPE.sub("", caption)
+        assert len(wrong) == len(shapes)
+        differs = [i for i, (a, b) in enumerate(zip(shapes, wrong, strict=True)) if a != b]
+        if len(set(shapes)) >= 2:
+            i, j = differs
+            assert (wrong[i], wrong[j]) == (shapes[j], shapes[i])  # two shapes traded
+            kinds["swapped"] += 1
+        else:
+            assert differs == [0]
+            kinds["changed"] += 1
+    assert all(kinds.values()), kinds  # the world has all three kinds of caption
+    # a sound's name is never taken for a shape
+    assert shape_negative("a low tone is heard from 1.0 to 2.0 seconds.") is None
+
+
+def test_with_place_and_shape_negatives_each_caption_gets_one_of_them():
+    from damo.train.loop import caption_negatives_for
+
+    heads = load_config(
+        "tiny", ["model.heads.place_negatives=anchor", "model.heads.shape_negatives=anchor"]
+    ).model.heads
+    assert caption_negatives_for(heads, anchor=False) is None
+    negative = caption_negatives_for(heads, anchor=True)
+    got = {"place": 0, "shape": 0}
+    for caption in captions(True):
+        made = negative(caption)
+        if made is None:  # a caption of sounds alone has neither
+            assert place_negative(caption) is None and shape_negative(caption) is None
+            continue
+        assert made == negative(caption)
+        kind = "place" if made == place_negative(caption) else "shape"
+        assert made == (place_negative if kind == "place" else shape_negative)(caption)
+        got[kind] += 1
+    assert min(got.values()) > 0.3 * sum(got.values()), got  # about half each

@@ -314,6 +314,14 @@ class HeadsConfig(Section):
         "stages; 'anchor': in the anchor alone (stage 1 learned little of the place from them "
         "and lost retrieval, benchmarks/README.md section 5).",
     )
+    shape_negatives: bool | Literal["anchor"] = Field(
+        default=False,
+        description="VTC and VTM also see each caption with its shapes made wrong "
+        "(damo.data.synthetic.shape_negative) as a negative, so that matching needs the shape "
+        "(the Fuseformer drops it in stage 1 otherwise, benchmarks/README.md section 5); true "
+        "and 'anchor' as for place_negatives. With both on, each caption gets one negative: "
+        "of its place or of its shape, chosen from its checksum.",
+    )
 
 
 class StageConfig(Section):

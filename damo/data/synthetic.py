@@ -249,6 +249,44 @@ def place_negative(caption: str) -> str | None:
     return "".join(pieces) + caption[last:]
 
 
+_SHAPE_PHRASE = re.compile(r"\b(?:" + "|".join(COLOURS) + r") (" + "|".join(SHAPES) + r")\b")
+
+
+def shape_negative(caption: str) -> str | None:
+    """The caption with its shapes made wrong, or None when it names no shape.
+
+    Two different shapes: the first two that differ are swapped (the colours stay, their shapes
+    trade). Otherwise (one shape, or every shape the same): the first changes to another shape,
+    chosen from the caption's checksum, so the same caption always gets the same negative.
+    Everything else (colours, places, sounds, times) is kept, so only the shape tells the
+    caption from its negative.
+    """
+    found = list(_SHAPE_PHRASE.finditer(caption))
+    if not found:
+        return None
+    shapes = [m.group(1) for m in found]
+    pair = next(
+        (
+            (i, j)
+            for i in range(len(shapes))
+            for j in range(i + 1, len(shapes))
+            if shapes[i] != shapes[j]
+        ),
+        None,
+    )
+    if pair is not None:
+        i, j = pair
+        shapes[i], shapes[j] = shapes[j], shapes[i]
+    else:
+        others = [s for s in SHAPES if s != shapes[0]]
+        shapes[0] = others[zlib.crc32(caption.encode()) % len(others)]
+    pieces, last = [], 0
+    for match, shape in zip(found, shapes, strict=True):
+        pieces += [caption[last : match.start(1)], shape]
+        last = match.end(1)
+    return "".join(pieces) + caption[last:]
+
+
 def _after(spec: ClipSpec, event: Event) -> Event | None:
     """The first event starting at or after `event` ends."""
     later = [e for e in spec.events if e.start >= event.end]

@@ -385,7 +385,7 @@ class DamoModel(nn.Module):
         """Stage 1: VTC + VTM (hard negatives from the VTC similarities) + VTG, or the terms
         in `which`; `loss` weighs them by `model.heads`. `negatives` (input ids (B, S'),
         attention mask (B, S'), has_one (B,)): each caption's own hard negative, which VTC
-        and VTM must tell from it (`model.heads.place_negatives`)."""
+        and VTM must tell from it (`model.heads.place_negatives`, `shape_negatives`)."""
         weights = self.cfg.heads
         query_states = self.pathway.query_states(video)  # (B, K, D)
         losses = {}

@@ -23,6 +23,7 @@ import os
 import shutil
 import tempfile
 import time
+import zlib
 from collections.abc import Callable, Iterator
 from contextlib import nullcontext
 from pathlib import Path
@@ -30,7 +31,8 @@ from pathlib import Path
 import torch
 
 from damo.config import DamoConfig
-from damo.data.synthetic import place_negative
+from damo.config.model import HeadsConfig
+from damo.data.synthetic import place_negative, shape_negative
 from damo.data.training import StageCollator, video_tensors
 from damo.eval.metrics import grounding_metrics
 from damo.eval.parse import parse_span
@@ -232,10 +234,27 @@ def rank_share(dataset, batch_size: int, rank: int, world: int) -> Iterator[dict
             yield rows
 
 
-def place_negatives_for(setting: bool | str, anchor: bool) -> Callable[[str], str | None] | None:
-    """caption -> its place negative, for a stage's own batches or for its anchor's batches,
-    as `model.heads.place_negatives` asks (true: both; "anchor": the anchor's alone)."""
-    return place_negative if setting is True or (anchor and setting == "anchor") else None
+def caption_negatives_for(heads: HeadsConfig, anchor: bool) -> Callable[[str], str | None] | None:
+    """caption -> its hard negative, for a stage's own batches or for its anchor's batches, as
+    `model.heads.place_negatives` and `shape_negatives` ask (true: both; "anchor": the
+    anchor's alone). With both, a caption's checksum picks which one it gets (the other when
+    that one has none), so each attribute is needed on about half the captions."""
+    wanted = [
+        negative
+        for setting, negative in (
+            (heads.place_negatives, place_negative),
+            (heads.shape_negatives, shape_negative),
+        )
+        if setting is True or (anchor and setting == "anchor")
+    ]
+    if len(wanted) < 2:
+        return wanted[0] if wanted else None
+
+    def place_or_shape(caption: str) -> str | None:
+        first = zlib.crc32(caption.encode()) % 2
+        return wanted[first](caption) or wanted[1 - first](caption)
+
+    return place_or_shape
 
 
 def train_loop_per_worker(config: dict) -> None:
@@ -306,19 +325,18 @@ def train_loop_per_worker(config: dict) -> None:
     ddp = ray.train.torch.prepare_model(
         model, move_to_device=False, parallel_strategy_kwargs={"find_unused_parameters": True}
     )
-    place_negatives = cfg.model.heads.place_negatives
     collate = StageCollator(
         spec.objective,
         model.conversation_inputs,
         model.tokenize_text,
-        place_negatives_for(place_negatives, anchor=False),
+        caption_negatives_for(cfg.model.heads, anchor=False),
     )
     anchor = None
     if spec.anchored:
         anchor_collate = StageCollator(
             "alignment",
             tokenize_text=model.tokenize_text,
-            negative_caption=place_negatives_for(place_negatives, anchor=True),
+            negative_caption=caption_negatives_for(cfg.model.heads, anchor=True),
         )
         anchor = anchor_batches(
             ray.train.get_dataset_shard(ANCHOR_DATASET),
