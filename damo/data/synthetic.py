@@ -222,6 +222,15 @@ def _caption(spec: ClipSpec, places: bool = False) -> str:
     return " ".join(f"{e.describe_timed(places)}." for e in spec.events)
 
 
+def _with_words(caption: str, found: list[re.Match], words: list[str]) -> str:
+    """The caption with each match's first group replaced by the word at its index."""
+    pieces, last = [], 0
+    for match, word in zip(found, words, strict=True):
+        pieces += [caption[last : match.start(1)], word]
+        last = match.end(1)
+    return "".join(pieces) + caption[last:]
+
+
 _PLACE_PHRASE = re.compile(r" in the (" + "|".join(POSITIONS) + r")\b")
 
 
@@ -242,11 +251,7 @@ def place_negative(caption: str) -> str | None:
     else:
         others = [p for p in POSITIONS if p != places[0]]
         places[0] = others[zlib.crc32(caption.encode()) % len(others)]
-    pieces, last = [], 0
-    for match, place in zip(found, places, strict=True):
-        pieces += [caption[last : match.start(1)], place]
-        last = match.end(1)
-    return "".join(pieces) + caption[last:]
+    return _with_words(caption, found, places)
 
 
 _SHAPE_PHRASE = re.compile(r"\b(?:" + "|".join(COLOURS) + r") (" + "|".join(SHAPES) + r")\b")
@@ -280,11 +285,7 @@ def shape_negative(caption: str) -> str | None:
     else:
         others = [s for s in SHAPES if s != shapes[0]]
         shapes[0] = others[zlib.crc32(caption.encode()) % len(others)]
-    pieces, last = [], 0
-    for match, shape in zip(found, shapes, strict=True):
-        pieces += [caption[last : match.start(1)], shape]
-        last = match.end(1)
-    return "".join(pieces) + caption[last:]
+    return _with_words(caption, found, shapes)
 
 
 def _after(spec: ClipSpec, event: Event) -> Event | None:
