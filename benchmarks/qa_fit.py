@@ -12,7 +12,7 @@ Three record sets, each scored as the learning bar scores its test set
 (`damo.eval.batch.evaluate_checkpoint`, audio as is):
 - "train": `--clips` clips of the training world's train split (every stage trained on them);
 - "same world, unseen": the training world's own test split (never trained on);
-- "held-out world": the bar's test set, read from the bar's own evaluation of this checkpoint.
+- "held-out world": the bar's test set.
 
 With `--stage4-epochs N` it also trains stage 4 again, for N epochs from the run's final
 checkpoint (the bar trains it for one), and answers the same sets with that: does QA keep
@@ -37,7 +37,7 @@ def qa_and_grounding(metrics: dict) -> dict:
     grounding = metrics["grounding"]["model"]
     return {
         "qa_count": qa["count"],
-        "qa": {k.removeprefix("accuracy/") or "all": v for k, v in qa.items() if "accuracy" in k},
+        "qa": {k.removeprefix("accuracy/"): v for k, v in qa.items() if "accuracy" in k},
         "grounding_miou": grounding["mIoU"],
         "grounding_r1@0.5": grounding["R1@0.5"],
         "grounding_count": grounding["count"],
@@ -88,9 +88,14 @@ def main() -> None:
         videos = sorted(set(train.column("video_uri").to_pylist()))[: args.clips]
         subset = train.filter(pc.is_in(train.column("video_uri"), value_set=pa.array(videos)))
         write_records(subset.to_pylist(), join(scratch, "train-records.parquet"), storage)
-        record_sets = {
-            f"train ({len(videos)} clips)": join(scratch, "train-records.parquet"),
-            "same world, unseen (its test split)": join(world, "test.parquet"),
+        features = cfg.train.data.features
+        record_sets = {  # name -> (records, their features)
+            f"train ({len(videos)} clips)": (join(scratch, "train-records.parquet"), features),
+            "same world, unseen (its test split)": (join(world, "test.parquet"), features),
+            "held-out world (the bar's test set)": (
+                join(BUCKET, args.test_world, "records", "all.parquet"),
+                join(BUCKET, "features-" + args.test_world),
+            ),
         }
         connect_ray(cfg, log_to_driver=False)
         checkpoints = {"the run's final checkpoint": checkpoint}
@@ -105,16 +110,10 @@ def main() -> None:
             )
             trained = read_manifest(storage, run_uri(longer, run_id))["stages"]["4"]
             checkpoints[f"stage 4 again, {args.stage4_epochs} epochs"] = trained["checkpoint"]
-            record_sets["held-out world (the bar's test set)"] = join(
-                BUCKET, args.test_world, "records", "all.parquet"
-            )
         results: dict[str, dict] = {}
         for which, answering in checkpoints.items():
             results[which] = {}
-            for name, records in record_sets.items():
-                features = cfg.train.data.features
-                if name.startswith("held-out"):
-                    features = join(BUCKET, "features-" + args.test_world)
+            for name, (records, features) in record_sets.items():
                 metrics = evaluate_checkpoint(
                     cfg,
                     answering,
@@ -126,11 +125,6 @@ def main() -> None:
                 )["metrics"]
                 results[which][name] = qa_and_grounding(metrics)
                 print(f"{which}, {name}: {json.dumps(results[which][name])}", flush=True)
-        heldout = join(BUCKET, "eval", args.run, "4-stages", "metrics.json")
-        final = results["the run's final checkpoint"]
-        if storage.exists(heldout):
-            metrics = json.loads(storage.read_bytes(heldout))["metrics"]
-            final["held-out world (the bar's test set)"] = qa_and_grounding(metrics)
         summary = {
             "run": args.run,
             "checkpoint": checkpoint,

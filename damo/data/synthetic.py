@@ -222,8 +222,33 @@ def _caption(spec: ClipSpec, places: bool = False) -> str:
     return " ".join(f"{e.describe_timed(places)}." for e in spec.events)
 
 
-def _with_words(caption: str, found: list[re.Match], words: list[str]) -> str:
-    """The caption with each match's first group replaced by the word at its index."""
+def _words_made_wrong(caption: str, phrase: re.Pattern, vocabulary) -> str | None:
+    """The caption with the words `phrase` captures made wrong, or None when it has none.
+
+    Two different words: the first two that differ are swapped. Otherwise (one word, or every
+    word the same): the first changes to another word of `vocabulary`, chosen from the
+    caption's checksum, so the same caption always gets the same negative. Everything else is
+    kept, so only those words tell the caption from its negative.
+    """
+    found = list(phrase.finditer(caption))
+    if not found:
+        return None
+    words = [m.group(1) for m in found]
+    pair = next(
+        (
+            (i, j)
+            for i in range(len(words))
+            for j in range(i + 1, len(words))
+            if words[i] != words[j]
+        ),
+        None,
+    )
+    if pair is not None:
+        i, j = pair
+        words[i], words[j] = words[j], words[i]
+    else:
+        others = [w for w in vocabulary if w != words[0]]
+        words[0] = others[zlib.crc32(caption.encode()) % len(others)]
     pieces, last = [], 0
     for match, word in zip(found, words, strict=True):
         pieces += [caption[last : match.start(1)], word]
@@ -232,60 +257,27 @@ def _with_words(caption: str, found: list[re.Match], words: list[str]) -> str:
 
 
 _PLACE_PHRASE = re.compile(r" in the (" + "|".join(POSITIONS) + r")\b")
+_SHAPE_PHRASE = re.compile(r"\b(?:" + "|".join(COLOURS) + r") (" + "|".join(SHAPES) + r")\b")
 
 
 def place_negative(caption: str) -> str | None:
     """The caption with its places made wrong, or None when it names no place.
 
-    Two or more places: the first two are swapped (the shapes stay, their places trade). One
-    place: it moves to another quadrant, chosen from the caption's checksum, so the same
-    caption always gets the same negative. Everything else (colours, shapes, sounds, times) is
-    kept, so only the place tells the caption from its negative.
+    Two or more places (a clip's shapes never share a quadrant): the first two are swapped (the
+    shapes stay, their places trade). One place: it moves to another quadrant. Colours,
+    shapes, sounds and times are kept, so only the place tells the caption from its negative.
     """
-    found = list(_PLACE_PHRASE.finditer(caption))
-    if not found:
-        return None
-    places = [m.group(1) for m in found]
-    if len(found) >= 2:
-        places[0], places[1] = places[1], places[0]
-    else:
-        others = [p for p in POSITIONS if p != places[0]]
-        places[0] = others[zlib.crc32(caption.encode()) % len(others)]
-    return _with_words(caption, found, places)
-
-
-_SHAPE_PHRASE = re.compile(r"\b(?:" + "|".join(COLOURS) + r") (" + "|".join(SHAPES) + r")\b")
+    return _words_made_wrong(caption, _PLACE_PHRASE, POSITIONS)
 
 
 def shape_negative(caption: str) -> str | None:
     """The caption with its shapes made wrong, or None when it names no shape.
 
     Two different shapes: the first two that differ are swapped (the colours stay, their shapes
-    trade). Otherwise (one shape, or every shape the same): the first changes to another shape,
-    chosen from the caption's checksum, so the same caption always gets the same negative.
-    Everything else (colours, places, sounds, times) is kept, so only the shape tells the
-    caption from its negative.
+    trade). One shape, or every shape the same: the first changes to another shape. Colours,
+    places, sounds and times are kept, so only the shape tells the caption from its negative.
     """
-    found = list(_SHAPE_PHRASE.finditer(caption))
-    if not found:
-        return None
-    shapes = [m.group(1) for m in found]
-    pair = next(
-        (
-            (i, j)
-            for i in range(len(shapes))
-            for j in range(i + 1, len(shapes))
-            if shapes[i] != shapes[j]
-        ),
-        None,
-    )
-    if pair is not None:
-        i, j = pair
-        shapes[i], shapes[j] = shapes[j], shapes[i]
-    else:
-        others = [s for s in SHAPES if s != shapes[0]]
-        shapes[0] = others[zlib.crc32(caption.encode()) % len(others)]
-    return _with_words(caption, found, shapes)
+    return _words_made_wrong(caption, _SHAPE_PHRASE, SHAPES)
 
 
 def _after(spec: ClipSpec, event: Event) -> Event | None:
