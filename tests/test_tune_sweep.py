@@ -130,6 +130,48 @@ def start_sweep(
     )
 
 
+def wait_for(proc: subprocess.Popen, timeout: float, log: Path, env: dict) -> int:
+    """The sweep's exit code; past the timeout, a failure that shows where the sweep was: its
+    log's tail (the trial table) and its Ray cluster's resources, demands and live actors."""
+    try:
+        return proc.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        tail = log.read_text(errors="replace")[-6000:]
+        pytest.fail(
+            f"`damo tune` still ran after {timeout:.0f} s; its log ends:\n{tail}\n"
+            f"its Ray cluster:\n{ray_state(env)}"
+        )
+
+
+def ray_state(env: dict) -> str:
+    """`ray status -v`, the live actors and the latest worker logs of the sweep's own cluster
+    (in its RAY_TMPDIR): a trial waiting for CPUs, its Ray Data waiting, or a stuck stage."""
+    ports = sorted(Path(env["RAY_TMPDIR"]).glob("ray/session_latest/gcs_server_port_*"))
+    if not ports:
+        return "(no Ray session)"
+    import ray
+
+    # the sweep's connect_ray puts its GCS on this node's address
+    address = f"{ray.util.get_node_ip_address()}:{ports[0].read_text().strip()}"
+    shown = []
+    for command in (["status", "-v"], ["list", "actors", "--filter", "state!=DEAD"]):
+        try:
+            done = subprocess.run(
+                [str(Path(DAMO).parent / "ray"), *command, "--address", address],
+                env=env,
+                capture_output=True,
+                text=True,
+                timeout=60,
+            )
+            shown.append(done.stdout[-4000:] + done.stderr[-1000:])
+        except subprocess.TimeoutExpired:
+            shown.append(f"ray {' '.join(command)}: no answer in 60 s")
+    logs = sorted(ports[0].parent.glob("logs/worker-*"), key=lambda f: f.stat().st_mtime)
+    for worker_log in logs[-4:]:
+        shown.append(f"--- {worker_log.name}:\n{worker_log.read_text(errors='replace')[-1500:]}")
+    return "\n".join(shown)
+
+
 def kill_group(proc: subprocess.Popen) -> None:
     with contextlib.suppress(ProcessLookupError):
         os.killpg(proc.pid, signal.SIGKILL)
@@ -176,7 +218,7 @@ def test_sweep_stops_early_survives_a_failure_and_a_killed_driver(sweep_setup):
 
     second = start_sweep(workdir, env, "second.log")
     try:
-        code = second.wait(timeout=1200)
+        code = wait_for(second, 1200, workdir / "second.log", env)
     finally:
         kill_group(second)
     log = (workdir / "second.log").read_text(errors="replace")
@@ -283,7 +325,7 @@ def test_the_stage1_rung_stops_a_trial_before_stage_2(sweep_setup):
     name = "ci-stage1-rung"
     sweep = start_sweep(workdir, env, "stage1.log", "stage1.yaml", "stage1-space.yaml", name)
     try:
-        code = sweep.wait(timeout=780)
+        code = wait_for(sweep, 780, workdir / "stage1.log", env)
     finally:
         kill_group(sweep)
     log = (workdir / "stage1.log").read_text(errors="replace")
