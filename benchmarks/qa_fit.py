@@ -16,7 +16,8 @@ Three record sets, each scored as the learning bar scores its test set
 
 With `--stage4-epochs N` it also trains stage 4 again, for N epochs from the run's final
 checkpoint (the bar trains it for one), and answers the same sets with that: does QA keep
-climbing with more training, and what does grounding do meanwhile?
+climbing with more training, and what does grounding do meanwhile? `--stage4-set` changes that
+stage 4's recipe as well (dotted overrides, e.g. `train.stages.stage4.optimizer.lr=1e-3`).
 
 It reads the learning bar's cache (`benchmarks/learning_bar.py` must have run).
 
@@ -26,6 +27,7 @@ It reads the learning bar's cache (`benchmarks/learning_bar.py` must have run).
 from __future__ import annotations
 
 import json
+import re
 import time
 
 from position_probe import bar_run, run_arguments
@@ -54,6 +56,13 @@ def options(parser) -> None:
         default=0,
         help="also train stage 4 for this many epochs from the final checkpoint (0: no)",
     )
+    parser.add_argument(
+        "--stage4-set",
+        nargs="+",
+        default=[],
+        metavar="KEY=VALUE",
+        help="config overrides for that stage 4 (needs --stage4-epochs)",
+    )
 
 
 def main() -> None:
@@ -66,7 +75,7 @@ def main() -> None:
     import pyarrow as pa
     import pyarrow.compute as pc
 
-    from damo.config.loader import with_overrides
+    from damo.config.loader import config_hash, with_overrides
     from damo.data.extract import connect_ray
     from damo.data.records import read_records, write_records
     from damo.demo import BUCKET
@@ -76,6 +85,8 @@ def main() -> None:
     from damo.train.pipeline import read_manifest, run_uri
     from damo.version import code_version
 
+    if args.stage4_set and not args.stage4_epochs:
+        raise SystemExit("--stage4-set changes the re-trained stage 4: give --stage4-epochs too")
     started = time.monotonic()
     with bar_run(args.cache, args.run) as (storage, manifest, finished, cfg):
         if "4" not in finished:
@@ -100,8 +111,11 @@ def main() -> None:
         connect_ray(cfg, log_to_driver=False)
         checkpoints = {"the run's final checkpoint": checkpoint}
         if args.stage4_epochs:
-            longer = with_overrides(cfg, [f"train.stages.stage4.epochs={args.stage4_epochs}"])
+            overrides = [f"train.stages.stage4.epochs={args.stage4_epochs}", *args.stage4_set]
+            longer = with_overrides(cfg, overrides)
             run_id = f"{args.run}-stage4x{args.stage4_epochs}"
+            if args.stage4_set:  # a re-used run name would return the old result (RAY_NOTES)
+                run_id += "-" + config_hash({"overrides": args.stage4_set})[:8]
             run_pipeline(
                 longer,
                 PipelinePlan(run_id, stages=(4,), init_checkpoint=checkpoint, evaluate_split=None),
@@ -109,7 +123,10 @@ def main() -> None:
                 log=print,
             )
             trained = read_manifest(storage, run_uri(longer, run_id))["stages"]["4"]
-            checkpoints[f"stage 4 again, {args.stage4_epochs} epochs"] = trained["checkpoint"]
+            again = f"stage 4 again, {args.stage4_epochs} epochs"
+            if args.stage4_set:
+                again += " (" + " ".join(args.stage4_set) + ")"
+            checkpoints[again] = trained["checkpoint"]
         results: dict[str, dict] = {}
         for which, answering in checkpoints.items():
             results[which] = {}
@@ -119,7 +136,7 @@ def main() -> None:
                     answering,
                     features,
                     records,
-                    join(scratch, which.replace(" ", "-").replace(",", ""), name.split(" ")[0]),
+                    join(scratch, re.sub(r"[^A-Za-z0-9.]+", "-", which), name.split(" ")[0]),
                     EvalSettings(plots=0, seed=seed, tasks=("grounding", "qa")),
                     storage,
                 )["metrics"]
@@ -128,6 +145,8 @@ def main() -> None:
         summary = {
             "run": args.run,
             "checkpoint": checkpoint,
+            "stage4_epochs": args.stage4_epochs,
+            "stage4_set": args.stage4_set,
             "code_version": code_version(),
             "results": results,
             "total_s": round(time.monotonic() - started, 1),
